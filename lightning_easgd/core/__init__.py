@@ -1,0 +1,21 @@
+"""The framework-free EASGD core: pure torch and torch.distributed, no Lightning.
+
+Adapters (the Lightning strategy, a future Fabric one) only decide *when* to call into it: which tensors take part,
+when an optimizer step happens, when evaluation starts and ends, and what goes into a checkpoint.
+"""
+
+from lightning_easgd.core.averager import ElasticAverager, ExchangeStats
+from lightning_easgd.core.buckets import FlatLayout, broadcast_tensors
+from lightning_easgd.core.hyperparams import DEFAULT_BETA, resolve_alpha, validate_alpha, validate_beta, validate_tau
+
+__all__ = [
+    "DEFAULT_BETA",
+    "ElasticAverager",
+    "ExchangeStats",
+    "FlatLayout",
+    "broadcast_tensors",
+    "resolve_alpha",
+    "validate_alpha",
+    "validate_beta",
+    "validate_tau",
+]

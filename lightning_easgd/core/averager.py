@@ -1,0 +1,309 @@
+"""Synchronous Elastic Averaging SGD with a replicated center, in plain torch and torch.distributed.
+
+Paper Eq. 5-6, applied every τ optimizer steps (Zhang, Choromanska & LeCun 2015, arXiv:1412.6651)::
+
+    x_i ← x_i − η·g_i(x_i) − α·(x_i − x̃)
+    x̃   ← x̃ + α·Σ_i (x_i − x̃)
+
+Both right-hand sides use the values from *before* the step, so the elastic difference d_i = x_i − x̃ is taken
+before the local optimizer runs and applied after it. Every rank keeps its own copy of x̃ and updates it from
+the same all-reduced Σ_i d_i, so the copies stay bit-identical and one SUM all-reduce per exchange is all the
+communication there is. Because d_i is known before the forward/backward pass, that all-reduce can run while the
+gradient is computed: :meth:`ElasticAverager.step` launches it on entry and waits on exit.
+
+The optimizer and its state (momentum buffers) are never touched: EAMSGD (the paper's Algorithm 2) is this
+averager around a Nesterov-momentum SGD.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_easgd.core.buckets import FlatLayout
+from lightning_easgd.core.hyperparams import validate_alpha, validate_tau
+
+
+@dataclass(frozen=True)
+class ExchangeStats:
+    """How far the workers were from the center at one exchange, measured on d_i before the pull.
+
+    Attributes:
+        step: the worker's clock t at the exchange (optimizer steps taken before it).
+        distances: ``[p]`` float64 tensor, ‖x_i − x̃‖₂ of every rank i.
+        center_norm: ‖x̃‖₂ of the center the differences were taken against.
+        layer_distances: ``[p, n_tensors]`` float64 tensor of per-tensor distances, when requested.
+    """
+
+    step: int
+    distances: Tensor
+    center_norm: float
+    layer_distances: Tensor | None = None
+
+    @property
+    def relative_distances(self) -> Tensor:
+        """‖x_i − x̃‖₂ / ‖x̃‖₂ for every rank (infinite if the center is exactly zero)."""
+        return self.distances / self.center_norm
+
+
+@dataclass
+class _PendingExchange:
+    works: list[dist.Work]
+    stats: Tensor | None
+    center_norm: float
+
+
+class ElasticAverager:
+    """The elastic exchange between one worker's tensors and a center replicated on every rank.
+
+    All ranks must construct it collectively, with the same tensors (same names, shapes, dtypes, order) holding
+    the same values: the center starts as a copy of them (use :func:`~lightning_easgd.core.broadcast_tensors`
+    first). Tensors are updated in place, so the same ``Parameter`` objects stay registered with the optimizer.
+
+    Args:
+        named_tensors: the tensors that take part in the exchange (parameters and floating-point buffers), with
+            names used in statistics and state dicts.
+        tau: communication period in optimizer steps; exchanges happen at the start of steps t = τ, 2τ, ...
+        alpha: moving rate α = ηρ in (0, 1).
+        group: process group of the workers (default: the world).
+        bucket_cap_mb: size of the flat buffers each all-reduce carries.
+        overlap: launch the all-reduce before the step and wait after it (True), or wait before the step runs.
+    """
+
+    def __init__(
+        self,
+        named_tensors: Sequence[tuple[str, Tensor]],
+        *,
+        tau: int,
+        alpha: float,
+        group: dist.ProcessGroup | None = None,
+        bucket_cap_mb: float = 25.0,
+        overlap: bool = True,
+    ) -> None:
+        if not named_tensors:
+            raise ValueError("named_tensors is empty: EASGD needs at least one tensor to average")
+        self.names: tuple[str, ...] = tuple(name for name, _ in named_tensors)
+        if len(set(self.names)) != len(self.names):
+            raise ValueError("named_tensors has duplicate names")
+        self.tensors: list[Tensor] = [t for _, t in named_tensors]
+        for name, t in named_tensors:
+            if not t.is_floating_point():
+                raise ValueError(f"tensor {name!r} has dtype {t.dtype}: only floating-point tensors can be averaged")
+        self.tau = validate_tau(tau)
+        self.alpha = validate_alpha(alpha)
+        self.group = group
+        distributed = dist.is_available() and dist.is_initialized()
+        self.world_size = dist.get_world_size(group) if distributed else 1
+        self.rank = dist.get_rank(group) if distributed else 0
+        self.overlap = bool(overlap)
+        self.clock = 0
+        """Optimizer steps this worker has taken; the exchange happens when it is a positive multiple of τ."""
+
+        self.layout = FlatLayout(self.tensors, bucket_cap_mb)
+        self._center = self.layout.allocate()
+        self._diff = self.layout.allocate()
+        # The all-reduce overwrites its buffer with Σ_i d_i while this worker still needs its own d_i.
+        self._sum = self.layout.allocate() if self.world_size > 1 else self._diff
+        self._center_views = self.layout.views(self._center)
+        self._diff_views = self.layout.views(self._diff)
+        with torch.no_grad():
+            torch._foreach_copy_(self._center_views, self.tensors)
+
+        self._pending: _PendingExchange | None = None
+        self._center_in_use = False
+        self._track: bool | None = None  # None: no statistics; False: totals; True: totals and per tensor
+        self._stats: list[ExchangeStats] = []
+
+    # ------------------------------------------------------------------ the exchange
+
+    @property
+    def exchange_due(self) -> bool:
+        """Whether the next optimizer step starts with an exchange."""
+        return self.clock > 0 and self.clock % self.tau == 0
+
+    @property
+    def bytes_per_exchange(self) -> int:
+        """Bytes each rank contributes to one exchange's all-reduce (parameters and float buffers)."""
+        return self.layout.nbytes
+
+    @contextmanager
+    def step(self) -> Iterator[None]:
+        """Wrap one local optimizer step: ``with averager.step(): optimizer.step(closure)``.
+
+        If an exchange is due, d_i is measured now, before the step changes anything, and its all-reduce is
+        started; after the step the elastic pull is applied to the worker and the center. The clock advances by
+        one. If the step raises, the exchange is abandoned and the clock stays put.
+        """
+        self._begin()
+        try:
+            yield
+        except BaseException:
+            self._pending = None
+            raise
+        self._end()
+
+    def _begin(self) -> None:
+        if self._pending is not None:
+            raise RuntimeError("ElasticAverager.step() was entered again before the previous step finished")
+        if self._center_in_use:
+            raise RuntimeError("cannot take an optimizer step while the center weights are swapped in")
+        if not self.exchange_due:
+            return
+        with torch.no_grad():
+            torch._foreach_copy_(self._diff_views, self.tensors)
+            for diff, center in zip(self._diff, self._center):
+                diff.sub_(center)
+            stats, center_norm = self._local_stats() if self._track is not None else (None, 0.0)
+            works: list[dist.Work] = []
+            if self.world_size > 1:
+                for total, diff in zip(self._sum, self._diff):
+                    total.copy_(diff)
+                    works.append(dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
+                if stats is not None:
+                    works.append(dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
+        self._pending = _PendingExchange(works, stats, center_norm)
+        if not self.overlap:
+            self._wait()
+
+    def _wait(self) -> None:
+        assert self._pending is not None
+        for work in self._pending.works:
+            work.wait()
+        self._pending.works.clear()
+
+    def _end(self) -> None:
+        if self._pending is not None:
+            self._wait()
+            with torch.no_grad():
+                torch._foreach_add_(self.tensors, self._diff_views, alpha=-self.alpha)
+                for center, total in zip(self._center, self._sum):
+                    center.add_(total, alpha=self.alpha)
+            if self._pending.stats is not None:
+                self._record_stats(self._pending.stats, self._pending.center_norm)
+            self._pending = None
+        self.clock += 1
+
+    # ------------------------------------------------------------------ statistics
+
+    def track_distances(self, per_tensor: bool = False) -> None:
+        """Measure ‖x_i − x̃‖ at every exchange from now on, riding on the exchange (no extra step collectives).
+
+        Each rank writes its own distances into its slot of a small float64 vector that is summed in the same
+        exchange, so every rank learns every rank's distance.
+        """
+        self._track = bool(per_tensor) or bool(self._track)
+
+    def pop_stats(self) -> list[ExchangeStats]:
+        """Statistics of the exchanges since the last call, oldest first."""
+        stats, self._stats = self._stats, []
+        return stats
+
+    def _local_stats(self) -> tuple[Tensor, float]:
+        per_tensor = torch.stack(torch._foreach_norm(self._diff_views, 2, dtype=torch.float64))
+        n = len(self.tensors) if self._track else 0
+        p = self.world_size
+        stats = torch.zeros(p * (1 + n), dtype=torch.float64, device=self._diff[0].device)
+        stats[self.rank] = per_tensor.square().sum().sqrt()
+        if n:
+            stats[p + self.rank * n : p + (self.rank + 1) * n] = per_tensor
+        center_sq = torch.stack(torch._foreach_norm(self._center, 2, dtype=torch.float64)).square().sum()
+        return stats, float(center_sq.sqrt())
+
+    def _record_stats(self, stats: Tensor, center_norm: float) -> None:
+        stats = stats.cpu()
+        p = self.world_size
+        layers = stats[p:].view(p, -1) if self._track else None
+        self._stats.append(ExchangeStats(self.clock, stats[:p].clone(), center_norm, layers))
+
+    # ------------------------------------------------------------------ center and local weights
+
+    @property
+    def center_in_use(self) -> bool:
+        """Whether the tensors currently hold the center (between :meth:`use_center` and :meth:`restore_local`)."""
+        return self._center_in_use
+
+    def use_center(self) -> None:
+        """Put the center's values into the tensors (for evaluation), keeping the local values aside."""
+        if self._center_in_use:
+            raise RuntimeError("the center weights are already swapped in")
+        if self._pending is not None:
+            raise RuntimeError("cannot swap in the center during an optimizer step")
+        with torch.no_grad():
+            torch._foreach_copy_(self._diff_views, self.tensors)
+            torch._foreach_copy_(self.tensors, self._center_views)
+        self._center_in_use = True
+
+    def restore_local(self) -> None:
+        """Undo :meth:`use_center`: the tensors get back exactly the local values they had."""
+        if not self._center_in_use:
+            raise RuntimeError("the center weights are not swapped in")
+        with torch.no_grad():
+            torch._foreach_copy_(self.tensors, self._diff_views)
+        self._center_in_use = False
+
+    @contextmanager
+    def center_weights(self) -> Iterator[None]:
+        """Run a block with the center's values in the tensors; local values come back afterwards."""
+        self.use_center()
+        try:
+            yield
+        finally:
+            self.restore_local()
+
+    def adopt_center(self) -> None:
+        """Make the center this worker's weights for good (end of training): the local values are dropped."""
+        if self._center_in_use:
+            self._center_in_use = False
+            return
+        with torch.no_grad():
+            torch._foreach_copy_(self.tensors, self._center_views)
+
+    def center_values(self) -> list[Tensor]:
+        """Views of the center, one per tensor (read-only by convention; clone before keeping them)."""
+        return list(self._center_views)
+
+    def local_values(self) -> list[Tensor]:
+        """This worker's own values, one per tensor, also while the center is swapped in."""
+        return list(self._diff_views) if self._center_in_use else list(self.tensors)
+
+    def load_local(self, values: Sequence[Tensor]) -> None:
+        """Set this worker's own values (e.g. when resuming), also while the center is swapped in."""
+        self._check_values(values, "local values")
+        with torch.no_grad():
+            torch._foreach_copy_(self.local_values(), list(values))
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, object]:
+        """The center (by name, cloned) and the clock: what a resumed run needs besides the workers' own state."""
+        return {
+            "clock": self.clock,
+            "center": {name: value.detach().clone() for name, value in zip(self.names, self._center_views)},
+        }
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """Restore :meth:`state_dict`'s output; every rank must load the same state to keep the centers equal."""
+        center = state["center"]
+        if not isinstance(center, Mapping) or set(center) != set(self.names):
+            got = sorted(center) if isinstance(center, Mapping) else type(center).__name__
+            raise ValueError(f"center state has tensors {got}, expected {sorted(self.names)}")
+        values = [center[name] for name in self.names]
+        self._check_values(values, "center state")
+        clock = state["clock"]
+        if isinstance(clock, bool) or not isinstance(clock, int) or clock < 0:
+            raise ValueError(f"clock={clock!r} is invalid: it must be an integer >= 0")
+        with torch.no_grad():
+            torch._foreach_copy_(self._center_views, values)
+        self.clock = clock
+
+    def _check_values(self, values: Sequence[Tensor], what: str) -> None:
+        if len(values) != len(self.tensors):
+            raise ValueError(f"{what}: got {len(values)} tensors, expected {len(self.tensors)}")
+        for name, value, shape in zip(self.names, values, self.layout.shapes):
+            if value.shape != shape:
+                raise ValueError(f"{what}: tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
