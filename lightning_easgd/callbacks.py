@@ -25,7 +25,8 @@ class ElasticDistanceMonitor(Callback):
     ``relative_distance_max``), and ``center_norm`` (‖x̃‖₂ of the center the differences were taken against).
     ``per_rank`` adds ``distance_rank{i}`` and ``relative_distance_rank{i}``; ``per_layer`` adds
     ``layer/<state_dict key>/distance_mean`` and ``.../distance_max`` for every averaged tensor (and
-    ``.../distance_rank{i}`` with ``per_rank``).
+    ``.../distance_rank{i}`` with ``per_rank``). Scalars an exchange algorithm adds to its statistics (such as
+    the asynchronous strategy's center version lag) are logged under ``easgd/`` with their own names.
 
     Like :class:`~lightning.pytorch.callbacks.LearningRateMonitor`, it writes straight to the loggers, so no value
     is lost to ``log_every_n_steps``; use ``log_every_n_exchanges`` to thin the output instead. The most recent
@@ -99,6 +100,7 @@ class ElasticDistanceMonitor(Callback):
                 if self.per_rank:
                     for rank, d in enumerate(column.tolist()):
                         metrics[f"layer/{name}/distance_rank{rank}"] = d
+        metrics.update(stats.extra)
         return {PREFIX + key: value for key, value in metrics.items()}
 
     @staticmethod

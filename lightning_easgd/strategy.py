@@ -215,14 +215,17 @@ class EASGDStrategy(DDPStrategy):
         elastic = [(key, t) for key, t in unique.values() if t.is_floating_point()]
         index = {id(t): i for i, (_, t) in enumerate(elastic)}
         self._state_keys = {key: index[id(v)] for key, v in state.items() if isinstance(v, Tensor) and id(v) in index}
-        self._averager = ElasticAverager(
-            elastic, tau=self.tau, alpha=alpha, bucket_cap_mb=self.bucket_cap_mb, overlap=self.overlap
-        )
+        self._averager = self._create_averager(elastic, alpha)
         log.debug(
             "EASGD: %d workers, tau=%d, alpha=%g, %d tensors, %d bytes in %d buckets per exchange",
             self.world_size, self.tau, alpha, len(elastic), self._averager.bytes_per_exchange,
             len(self._averager.layout.buckets),
         )
+
+    def _create_averager(self, elastic: list[tuple[str, Tensor]], alpha: float) -> ElasticAverager:
+        """Build the exchange over ``elastic`` (all ranks hold equal values here); subclasses swap the algorithm."""
+        return ElasticAverager(elastic, tau=self.tau, alpha=alpha, bucket_cap_mb=self.bucket_cap_mb,
+                               overlap=self.overlap)
 
     @override
     def teardown(self) -> None:

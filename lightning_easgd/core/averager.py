@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -38,12 +38,15 @@ class ExchangeStats:
         distances: ``[p]`` float64 tensor, ‖x_i − x̃‖₂ of every rank i.
         center_norm: ‖x̃‖₂ of the center the differences were taken against.
         layer_distances: ``[p, n_tensors]`` float64 tensor of per-tensor distances, when requested.
+        extra: further scalars an exchange algorithm reports (e.g. the center's version lag in asynchronous
+            EASGD); monitors log them under their own names.
     """
 
     step: int
     distances: Tensor
     center_norm: float
     layer_distances: Tensor | None = None
+    extra: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def relative_distances(self) -> Tensor:
