@@ -35,7 +35,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_easgd.checkpoint_io import AtomicCheckpointIO
 from lightning_easgd.core import DEFAULT_BETA, ElasticAverager, broadcast_tensors, resolve_alpha
+from lightning_easgd.core.averager import NonFinitePolicy
 from lightning_easgd.core.hyperparams import validate_alpha, validate_beta, validate_tau
 from lightning_easgd.rng import capture_rng_state, restore_rng_state
 
@@ -87,8 +89,17 @@ class EASGDStrategy(DDPStrategy):
         save_worker_states: store every worker's local weights, optimizer state and RNG state in full
             checkpoints (gathered on rank 0), so that resuming reproduces the uninterrupted run. Without them a
             resumed run restarts every worker from the center.
-        accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
-        process_group_backend, timeout, start_method: as for :class:`~lightning.pytorch.strategies.DDPStrategy`.
+        on_nonfinite: the divergence guard. A worker whose weights turn NaN or inf never reaches the center (the
+            check rides in the exchange). ``"raise"`` (default): every rank raises
+            :class:`~lightning_easgd.core.NonFiniteWorkerError` naming the workers and the step, so the run stops
+            with the last good checkpoint intact. ``"reset"``: the diverged workers' contributions are dropped,
+            they restart from the center with empty optimizer state, and a warning names them.
+        timeout: how long collectives, the exchange included, may wait for a peer before failing with an error
+            (a dead or stalled worker then stops the run instead of hanging it). Default: 30 minutes.
+        checkpoint_io: defaults to :class:`~lightning_easgd.checkpoint_io.AtomicCheckpointIO`, which never leaves
+            a partial checkpoint file behind.
+        accelerator, parallel_devices, cluster_environment, precision_plugin, process_group_backend,
+        start_method: as for :class:`~lightning.pytorch.strategies.DDPStrategy`.
 
     Raises:
         ValueError: for an invalid ``tau``, ``alpha``, ``beta``, ``bucket_cap_mb`` or ``start_method``, and for
@@ -107,6 +118,7 @@ class EASGDStrategy(DDPStrategy):
         overlap: bool = True,
         bucket_cap_mb: float = 25.0,
         save_worker_states: bool = True,
+        on_nonfinite: NonFinitePolicy = "raise",
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -127,13 +139,17 @@ class EASGDStrategy(DDPStrategy):
             raise ValueError(f"bucket_cap_mb={bucket_cap_mb!r} is invalid: it must be a number > 0 (megabytes)")
         if not isinstance(save_worker_states, bool):
             raise ValueError(f"save_worker_states={save_worker_states!r} is invalid: it must be True or False")
+        if on_nonfinite not in ("raise", "reset"):
+            raise ValueError(f"on_nonfinite={on_nonfinite!r} is invalid: choose 'raise' or 'reset'")
+        if timeout is not None and (not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0):
+            raise ValueError(f"timeout={timeout!r} is invalid: it must be a positive datetime.timedelta")
         if start_method not in _START_METHODS:
             raise ValueError(f"start_method={start_method!r} is invalid: choose one of {', '.join(_START_METHODS)}")
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
             cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
+            checkpoint_io=AtomicCheckpointIO() if checkpoint_io is None else checkpoint_io,
             precision_plugin=precision_plugin,
             process_group_backend=process_group_backend,
             timeout=timeout,
@@ -142,6 +158,7 @@ class EASGDStrategy(DDPStrategy):
         self.overlap = overlap
         self.bucket_cap_mb = float(bucket_cap_mb)
         self.save_worker_states = save_worker_states
+        self.on_nonfinite: NonFinitePolicy = on_nonfinite
         self._averager: ElasticAverager | None = None
         self._state_keys: dict[str, int] = {}  # state_dict key -> index of the averaged tensor it names
         self._loaded: dict[str, Any] | None = None  # this strategy's section of the checkpoint being resumed
@@ -225,7 +242,7 @@ class EASGDStrategy(DDPStrategy):
     def _create_averager(self, elastic: list[tuple[str, Tensor]], alpha: float) -> ElasticAverager:
         """Build the exchange over ``elastic`` (all ranks hold equal values here); subclasses swap the algorithm."""
         return ElasticAverager(elastic, tau=self.tau, alpha=alpha, bucket_cap_mb=self.bucket_cap_mb,
-                               overlap=self.overlap)
+                               overlap=self.overlap, on_nonfinite=self.on_nonfinite, timeout=self._timeout)
 
     @override
     def teardown(self) -> None:
@@ -253,7 +270,16 @@ class EASGDStrategy(DDPStrategy):
         the elastic pull is applied after the optimizer has updated the weights."""
         assert self._averager is not None
         with self._averager.step():
-            return super().optimizer_step(optimizer, closure, model, **kwargs)
+            output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        for step, ranks in self._averager.pop_resets():
+            rank_zero_warn(
+                f"EASGD: worker(s) {', '.join(map(str, ranks))} had non-finite weights at optimizer step {step}; "
+                "their contribution was dropped and they were reset to the center with empty optimizer state."
+            )
+            if self.global_rank in ranks:
+                for opt in self.optimizers:
+                    opt.state.clear()
+        return output
 
     @override
     def on_train_start(self) -> None:
@@ -350,7 +376,17 @@ class EASGDStrategy(DDPStrategy):
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        try:
+            checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        except FileNotFoundError:
+            raise
+        except Exception as error:
+            raise ValueError(
+                f"{checkpoint_path} is not a readable checkpoint ({type(error).__name__}: {error}); the file may be "
+                "truncated or corrupt, or not a PyTorch checkpoint"
+            ) from error
+        if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
+            raise ValueError(f"{checkpoint_path} is not a Lightning checkpoint: it has no 'state_dict' mapping")
         section = checkpoint.get(CHECKPOINT_KEY)
         if section is not None:
             if not isinstance(section, Mapping) or section.get("format") != CHECKPOINT_FORMAT:
@@ -360,6 +396,16 @@ class EASGDStrategy(DDPStrategy):
                 )
             self._loaded = dict(section)
         return checkpoint
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        try:
+            super().load_model_state_dict(checkpoint, strict=strict)
+        except RuntimeError as error:
+            raise ValueError(
+                f"the checkpoint's weights do not fit this model ({type(self.lightning_module).__name__}); was it "
+                f"saved from another model or configuration?\n{error}"
+            ) from error
 
     def _resume_workers(self, section: dict[str, Any]) -> None:
         """Give this rank back its own weights; ranks the checkpoint did not have start from the center."""

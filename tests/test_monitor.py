@@ -55,7 +55,7 @@ def test_logged_distances_match_replay(tmp_path: Path, monkeypatch: pytest.Monke
                 assert got[f"easgd/layer/{name}/distance_rank{rank}"] == pytest.approx(value, rel=1e-9, abs=1e-15)
         running_var = [layers["net.1.running_var"] for layers in exchange["layers"]]
         assert got["easgd/layer/net.1.running_var/distance_max"] == pytest.approx(max(running_var), rel=1e-9)
-    # Monitoring rides on the exchange: one extra all-reduce at exchanges, nothing in between.
+    # Monitoring rides on the exchange's statistics all-reduce: nothing more at exchanges, nothing in between.
     for rec in records:
         for step, calls in rec["collectives"]:
             t = step - 1

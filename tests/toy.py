@@ -94,6 +94,32 @@ class ToyRegressor(L.LightningModule):
         yield closure_and_step
 
 
+class NaNLossRegressor(ToyRegressor):
+    """Worker ``nan_rank``'s loss is NaN at optimizer step ``nan_step``: a diverging worker."""
+
+    def __init__(self, nan_rank: int = 1, nan_step: int = 3, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.nan_rank, self.nan_step = nan_rank, nan_step
+        self.replay_position: tuple[int, int] | None = None  # (rank, step), set by the replay
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self.poison(self.loss(batch), (self.global_rank, self.global_step))
+
+    def poison(self, loss: Tensor, position: tuple[int, int] | None) -> Tensor:
+        return loss * float("nan") if position == (self.nan_rank, self.nan_step) else loss
+
+    def replay_steps(self, micro_batches: list[Any]) -> Iterator[Callable[[], None]]:
+        (optimizer,) = self._replay_optimizers
+        (batch,) = micro_batches
+        optimizer.zero_grad()
+
+        def closure_and_step() -> None:
+            self.poison(self.loss(batch), self.replay_position).backward()
+            optimizer.step()
+
+        yield closure_and_step
+
+
 class TwoOptimizerRegressor(ToyRegressor):
     """Manual optimization with two optimizers, each stepping its own layer once per batch."""
 
@@ -148,11 +174,13 @@ def replay_easgd(
     seed: int = 0,
     accumulate: int = 1,
     autocast: torch.dtype | None = None,
+    reset_nonfinite: bool = False,
 ) -> Replay:
     """Run Eq. 5-6 of the paper on p copies of ``module`` in one process.
 
     At the start of step t with t > 0 and t % tau == 0: d_i = x_i − x̃ (parameters and floating-point buffers,
-    before the step), then the local step, then x_i −= α·d_i and x̃ += α·Σ_i d_i.
+    before the step), then the local step, then x_i −= α·d_i and x̃ += α·Σ_i d_i. With ``reset_nonfinite``, a
+    worker whose d_i is not finite is left out of the sum and restarts from the new center with no optimizer state.
     """
     workers = [copy.deepcopy(module) for _ in range(p)]
     for w in workers:
@@ -171,6 +199,8 @@ def replay_easgd(
             with ctx:
                 gens = [w.replay_steps(per_rank[r][start : start + accumulate]) for r, w in enumerate(workers)]
                 for steps in zip(*gens):
+                    for r, w in enumerate(workers):
+                        w.replay_position = (r, t)
                     with torch.no_grad():
                         exchange = t > 0 and t % tau == 0
                         diffs = [{k: s[k] - center[k] for k in floats} for s in states] if exchange else []
@@ -178,8 +208,10 @@ def replay_easgd(
                         step()
                     with torch.no_grad():
                         if exchange:
-                            total = {k: sum(d[k] for d in diffs) for k in floats}
-                            for s, d in zip(states, diffs):
+                            bad = [not all(d[k].isfinite().all() for k in floats) for d in diffs]
+                            assert reset_nonfinite or not any(bad)
+                            total = {k: sum(d[k] for d, b in zip(diffs, bad) if not b) for k in floats}
+                            for s, d, b in zip(states, diffs, bad):
                                 for k in floats:
                                     s[k].sub_(alpha * d[k])
                             norms = [torch.sqrt(sum((d[k].double() ** 2).sum() for k in floats)) for d in diffs]
@@ -191,6 +223,12 @@ def replay_easgd(
                             )
                             for k in floats:
                                 center[k].add_(alpha * total[k])
+                            for s, w, b in zip(states, workers, bad):
+                                if b:
+                                    for k in floats:
+                                        s[k].copy_(center[k])
+                                    for opt in w._replay_optimizers:
+                                        opt.state.clear()
                     t += 1
         result.epoch_centers.append({k: v.clone() for k, v in center.items()})
         result.epoch_workers.append([{k: v.clone() for k, v in s.items()} for s in states])

@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -27,6 +29,17 @@ from torch import Tensor
 
 from lightning_easgd.core.buckets import FlatLayout
 from lightning_easgd.core.hyperparams import validate_alpha, validate_tau
+
+
+NonFinitePolicy = Literal["raise", "reset"]
+
+
+class NonFiniteWorkerError(RuntimeError):
+    """A worker's weights (so its elastic difference) turned non-finite; the exchange was abandoned."""
+
+
+class ExchangeError(RuntimeError):
+    """The exchange's collective failed or timed out, typically because a peer died or stalled."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +70,7 @@ class ExchangeStats:
 @dataclass
 class _PendingExchange:
     works: list[dist.Work]
-    stats: Tensor | None
+    stats: Tensor
     center_norm: float
 
 
@@ -76,6 +89,14 @@ class ElasticAverager:
         group: process group of the workers (default: the world).
         bucket_cap_mb: size of the flat buffers each all-reduce carries.
         overlap: launch the all-reduce before the step and wait after it (True), or wait before the step runs.
+        on_nonfinite: what to do when some worker's d_i is not finite (NaN or inf, e.g. after a diverging step).
+            Non-finite differences never reach the center: each rank zeroes its own before the all-reduce and
+            raises a flag that travels in the same exchange. ``"raise"``: every rank raises
+            :class:`NonFiniteWorkerError` naming the workers and the step, and the center keeps its last finite
+            value. ``"reset"``: the other workers' differences are applied as usual and the flagged workers are
+            reset to the new center (see :meth:`pop_resets`).
+        timeout: how long to wait for an exchange's collectives before raising :class:`ExchangeError`
+            (default: wait as long as the process group's own timeout allows).
     """
 
     def __init__(
@@ -87,6 +108,8 @@ class ElasticAverager:
         group: dist.ProcessGroup | None = None,
         bucket_cap_mb: float = 25.0,
         overlap: bool = True,
+        on_nonfinite: NonFinitePolicy = "raise",
+        timeout: timedelta | None = None,
     ) -> None:
         if not named_tensors:
             raise ValueError("named_tensors is empty: EASGD needs at least one tensor to average")
@@ -104,6 +127,10 @@ class ElasticAverager:
         self.world_size = dist.get_world_size(group) if distributed else 1
         self.rank = dist.get_rank(group) if distributed else 0
         self.overlap = bool(overlap)
+        if on_nonfinite not in ("raise", "reset"):
+            raise ValueError(f"on_nonfinite={on_nonfinite!r} is invalid: choose 'raise' or 'reset'")
+        self.on_nonfinite: NonFinitePolicy = on_nonfinite
+        self.timeout = timeout
         self.clock = 0
         """Optimizer steps this worker has taken; the exchange happens when it is a positive multiple of τ."""
 
@@ -121,6 +148,7 @@ class ElasticAverager:
         self._center_in_use = False
         self._track: bool | None = None  # None: no statistics; False: totals; True: totals and per tensor
         self._stats: list[ExchangeStats] = []
+        self._resets: list[tuple[int, tuple[int, ...]]] = []
 
     # ------------------------------------------------------------------ the exchange
 
@@ -161,35 +189,73 @@ class ElasticAverager:
             torch._foreach_copy_(self._diff_views, self.tensors)
             for diff, center in zip(self._diff, self._center):
                 diff.sub_(center)
-            stats, center_norm = self._local_stats() if self._track is not None else (None, 0.0)
+            stats, center_norm = self._local_stats()
+            finite = bool(stats[self.rank].isfinite())
             works: list[dist.Work] = []
             if self.world_size > 1:
                 for total, diff in zip(self._sum, self._diff):
-                    total.copy_(diff)
+                    if finite:
+                        total.copy_(diff)
+                    else:
+                        total.zero_()  # never let a diverged worker poison the center
                     works.append(dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
-                if stats is not None:
-                    works.append(dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
+                works.append(dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
         self._pending = _PendingExchange(works, stats, center_norm)
         if not self.overlap:
             self._wait()
 
     def _wait(self) -> None:
         assert self._pending is not None
-        for work in self._pending.works:
-            work.wait()
+        try:
+            for work in self._pending.works:
+                if self.timeout is None:
+                    work.wait()
+                else:
+                    work.wait(self.timeout)
+        except Exception as error:
+            self._pending = None
+            raise ExchangeError(
+                f"EASGD exchange at step {self.clock} failed on rank {self.rank}: {error}. A peer may have died or "
+                f"stalled{'' if self.timeout is None else f' (timeout {self.timeout.total_seconds():g} s)'}; the "
+                "center was not updated."
+            ) from error
         self._pending.works.clear()
 
     def _end(self) -> None:
         if self._pending is not None:
             self._wait()
+            stats = self._pending.stats.cpu()
+            p = self.world_size
+            # Each rank's distance slot is its own norm plus the others' zeros, so a NaN or inf there is a flag.
+            flagged = tuple(r for r in range(p) if not stats[r].isfinite())
+            if flagged and self.on_nonfinite == "raise":
+                self._pending = None
+                raise NonFiniteWorkerError(
+                    f"EASGD: worker(s) {', '.join(map(str, flagged))} of {p} have non-finite parameters or buffers at "
+                    f"optimizer step {self.clock} (the elastic difference x_i - center is NaN or inf). The exchange "
+                    "was abandoned and the center keeps its last finite value; lower the learning rate, or pass "
+                    "on_nonfinite='reset' to reset diverged workers to the center."
+                )
             with torch.no_grad():
-                torch._foreach_add_(self.tensors, self._diff_views, alpha=-self.alpha)
-                for center, total in zip(self._center, self._sum):
-                    center.add_(total, alpha=self.alpha)
-            if self._pending.stats is not None:
-                self._record_stats(self._pending.stats, self._pending.center_norm)
+                if len(flagged) < p:  # flagged ranks contributed zeros, so the sum holds the finite differences
+                    for center, total in zip(self._center, self._sum):
+                        center.add_(total, alpha=self.alpha)
+                if self.rank in flagged:
+                    torch._foreach_copy_(self.tensors, self._center_views)
+                else:
+                    torch._foreach_add_(self.tensors, self._diff_views, alpha=-self.alpha)
+            if flagged:
+                self._resets.append((self.clock, flagged))
+            if self._track is not None:
+                self._record_stats(stats, self._pending.center_norm)
             self._pending = None
         self.clock += 1
+
+    def pop_resets(self) -> list[tuple[int, tuple[int, ...]]]:
+        """``(step, ranks)`` of the exchanges since the last call that reset diverged workers to the center
+        (``on_nonfinite="reset"``); a reset worker's optimizer state is the caller's to clear."""
+        resets, self._resets = self._resets, []
+        return resets
 
     # ------------------------------------------------------------------ statistics
 
@@ -207,6 +273,7 @@ class ElasticAverager:
         return stats
 
     def _local_stats(self) -> tuple[Tensor, float]:
+        """This rank's slots of the statistics vector: ‖d_i‖ (also the finiteness flag) and per-tensor norms."""
         per_tensor = torch.stack(torch._foreach_norm(self._diff_views, 2, dtype=torch.float64))
         n = len(self.tensors) if self._track else 0
         p = self.world_size
@@ -214,6 +281,8 @@ class ElasticAverager:
         stats[self.rank] = per_tensor.square().sum().sqrt()
         if n:
             stats[p + self.rank * n : p + (self.rank + 1) * n] = per_tensor
+        if self._track is None:
+            return stats, 0.0
         center_sq = torch.stack(torch._foreach_norm(self._center, 2, dtype=torch.float64)).square().sum()
         return stats, float(center_sq.sqrt())
 
