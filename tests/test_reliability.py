@@ -22,8 +22,7 @@ from toy import NaNLossRegressor, ToyRegressor, make_dataset, replay_easgd
 
 from lightning_easgd import EASGDStrategy
 from lightning_easgd.checkpoint_io import AtomicCheckpointIO
-from lightning_easgd.core import ElasticAverager
-from lightning_easgd.core.averager import ExchangeError
+from lightning_easgd.core import ElasticAverager, ExchangeError
 
 REPO = Path(__file__).resolve().parents[1]
 

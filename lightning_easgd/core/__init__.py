@@ -4,15 +4,17 @@ Adapters (the Lightning strategy, a future Fabric one) only decide *when* to cal
 when an optimizer step happens, when evaluation starts and ends, and what goes into a checkpoint.
 """
 
-from lightning_easgd.core.averager import ElasticAverager, ExchangeStats
+from lightning_easgd.core.averager import ElasticAverager, ExchangeError, ExchangeStats, NonFiniteWorkerError
 from lightning_easgd.core.buckets import FlatLayout, broadcast_tensors
 from lightning_easgd.core.hyperparams import DEFAULT_BETA, resolve_alpha, validate_alpha, validate_beta, validate_tau
 
 __all__ = [
     "DEFAULT_BETA",
     "ElasticAverager",
+    "ExchangeError",
     "ExchangeStats",
     "FlatLayout",
+    "NonFiniteWorkerError",
     "broadcast_tensors",
     "resolve_alpha",
     "validate_alpha",
