@@ -47,4 +47,5 @@ if __name__ == "__main__":
     model = Classifier()
     trainer.fit(model, data(8192, 0), data(1024, 1))
     if trainer.is_global_zero:
-        print(f"center val_acc={trainer.callback_metrics['val_acc']:.3f}; checkpoint: {trainer.checkpoint_callback.best_model_path}")
+        accuracy = trainer.callback_metrics["val_acc"]
+        print(f"center val_acc={accuracy:.3f}; checkpoint: {trainer.checkpoint_callback.best_model_path}")

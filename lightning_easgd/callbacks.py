@@ -45,7 +45,9 @@ class ElasticDistanceMonitor(Callback):
         if isinstance(log_every_n_exchanges, bool) or not isinstance(log_every_n_exchanges, int) or (
             log_every_n_exchanges < 1
         ):
-            raise ValueError(f"log_every_n_exchanges={log_every_n_exchanges!r} is invalid: it must be an integer >= 1")
+            raise ValueError(
+                f"log_every_n_exchanges={log_every_n_exchanges!r} is invalid: it must be an integer >= 1"
+            )
         self.per_layer = per_layer
         self.per_rank = per_rank
         self.log_every_n_exchanges = log_every_n_exchanges
@@ -55,8 +57,8 @@ class ElasticDistanceMonitor(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if not isinstance(trainer.strategy, EASGDStrategy):
             raise ValueError(
-                f"ElasticDistanceMonitor needs an EASGD strategy (strategy='easgd' or EASGDStrategy(...)); this Trainer "
-                f"uses {type(trainer.strategy).__name__}"
+                "ElasticDistanceMonitor needs an EASGD strategy (strategy='easgd' or EASGDStrategy(...)); this "
+                f"Trainer uses {type(trainer.strategy).__name__}"
             )
 
     @override

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import SEED, assert_close, fit_fork
 from lightning.pytorch.callbacks import ModelCheckpoint
-from toy import ToyRegressor, make_dataset, replay_easgd
+from toy import ToyRegressor, make_dataset, replay_easgd, twins
 
 from lightning_easgd import EASGDStrategy
 
@@ -19,10 +19,7 @@ def _checkpointing(tmp_path: Path) -> ModelCheckpoint:
 
 
 def test_checkpoint_state_dict_is_the_center(tmp_path: Path) -> None:
-    torch.manual_seed(10)
-    module = ToyRegressor(momentum=0.9, nesterov=True)
-    init = ToyRegressor(momentum=0.9, nesterov=True)
-    init.load_state_dict(module.state_dict())
+    module, init = twins(ToyRegressor, 10, momentum=0.9, nesterov=True)
     dataset = make_dataset(48)
     fit_fork(module, dataset, tmp_path, p=2, epochs=2, batch_size=4, callbacks=[_checkpointing(tmp_path)],
              enable_checkpointing=True, strategy=EASGDStrategy(tau=3, start_method="fork"))
@@ -92,7 +89,7 @@ def test_resume_with_another_world_size(tmp_path: Path, messages: Any, saved_p: 
     _, records = fit_fork(ToyRegressor(momentum=0.9), dataset, tmp_path / "second", p=new_p, epochs=2,
                           batch_size=4, ckpt_path=str(path), strategy=EASGDStrategy(tau=2, start_method="fork"))
     assert f"the checkpoint has {saved_p} workers and this run has {new_p}" in messages()
-    center = {k: v for k, v in ckpt["state_dict"].items()}
+    center = dict(ckpt["state_dict"])
     for rank, rec in enumerate(records):
         assert rec["alpha"] == pytest.approx(0.9 / new_p)
         if rank < saved_p:
@@ -101,7 +98,8 @@ def test_resume_with_another_world_size(tmp_path: Path, messages: Any, saved_p: 
         else:
             assert_close(rec["start_state"], center, 0.0, f"new worker {rank} starts from the center")
             assert not rec["start_optim"][0]["state"], "a new worker starts with no momentum"
-            assert rec["start_optim"][0]["param_groups"][0]["lr"] == ckpt["optimizer_states"][0]["param_groups"][0]["lr"]
+            saved_lr = ckpt["optimizer_states"][0]["param_groups"][0]["lr"]
+            assert rec["start_optim"][0]["param_groups"][0]["lr"] == saved_lr
 
 
 def test_checkpoint_without_worker_states(tmp_path: Path, messages: Any) -> None:

@@ -46,7 +46,7 @@ def test_center_swap_is_exact_and_keeps_parameters() -> None:
 def test_single_worker_rule_and_clock() -> None:
     lin, avg = _averager(tau=2)
     center0 = lin.weight.detach().clone()
-    for t in range(3):
+    for _ in range(3):
         with avg.step():
             with torch.no_grad():
                 lin.weight.add_(1.0)  # a "local step"

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import pytest
 import torch
 from conftest import SEED, assert_close, fit_fork
-from toy import ToyRegressor, TwoOptimizerRegressor, count_collectives, make_dataset, replay_easgd
+from toy import ToyRegressor, TwoOptimizerRegressor, count_collectives, make_dataset, replay_easgd, twins
 
 from lightning_easgd import EASGDStrategy
 
@@ -30,10 +29,7 @@ ATOL = 1e-10  # float64 model: the only differences are summation order in the a
 def test_matches_replay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, p: int, tau: int, optimizer: str,
                         overlap: bool) -> None:
     momentum = {"sgd": {}, "nesterov": {"momentum": 0.9, "nesterov": True}}[optimizer]
-    torch.manual_seed(0)
-    module = ToyRegressor(lr=0.1, weight_decay=1e-3, **momentum)
-    init = ToyRegressor(lr=0.1, weight_decay=1e-3, **momentum)
-    init.load_state_dict(module.state_dict())
+    module, init = twins(ToyRegressor, 0, lr=0.1, weight_decay=1e-3, **momentum)
     dataset = make_dataset(48)
     alpha = 0.9 / p
     count_collectives(monkeypatch)
@@ -77,10 +73,7 @@ def test_matches_replay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, p: int,
 
 def test_batchnorm_buffers_take_part(tmp_path: Path) -> None:
     """Float buffers (running statistics) are averaged like parameters; integer ones stay local."""
-    torch.manual_seed(1)
-    module = ToyRegressor(batchnorm=True)
-    init = ToyRegressor(batchnorm=True)
-    init.load_state_dict(module.state_dict())
+    module, init = twins(ToyRegressor, 1, batchnorm=True)
     dataset = make_dataset(48)
     _, records = fit_fork(module, dataset, tmp_path, p=2, epochs=2, batch_size=6,
                           strategy=EASGDStrategy(tau=2, start_method="fork"))
@@ -96,10 +89,7 @@ def test_batchnorm_buffers_take_part(tmp_path: Path) -> None:
 
 
 def test_gradient_accumulation(tmp_path: Path) -> None:
-    torch.manual_seed(2)
-    module = ToyRegressor(momentum=0.9, nesterov=True)
-    init = ToyRegressor(momentum=0.9, nesterov=True)
-    init.load_state_dict(module.state_dict())
+    module, init = twins(ToyRegressor, 2, momentum=0.9, nesterov=True)
     dataset = make_dataset(48)
     _, records = fit_fork(module, dataset, tmp_path, p=2, epochs=1, batch_size=3, accumulate_grad_batches=2,
                           strategy=EASGDStrategy(tau=2, start_method="fork"))
@@ -111,10 +101,7 @@ def test_gradient_accumulation(tmp_path: Path) -> None:
 
 def test_manual_optimization_two_optimizers(tmp_path: Path) -> None:
     """Every optimizer.step() is one tick of the clock, as for trainer.global_step."""
-    torch.manual_seed(3)
-    module = TwoOptimizerRegressor(lr=0.1)
-    init = TwoOptimizerRegressor(lr=0.1)
-    init.load_state_dict(module.state_dict())
+    module, init = twins(TwoOptimizerRegressor, 3, lr=0.1)
     dataset = make_dataset(48)
     _, records = fit_fork(module, dataset, tmp_path, p=2, epochs=1, batch_size=4,
                           strategy=EASGDStrategy(tau=3, start_method="fork"))
@@ -127,10 +114,7 @@ def test_manual_optimization_two_optimizers(tmp_path: Path) -> None:
 
 def test_bf16_mixed_precision(tmp_path: Path) -> None:
     """bf16 autocast: float32 weights are exchanged; the replay runs under the same autocast."""
-    torch.manual_seed(4)
-    module = ToyRegressor(dtype="float32")
-    init = ToyRegressor(dtype="float32")
-    init.load_state_dict(module.state_dict())
+    module, init = twins(ToyRegressor, 4, dtype="float32")
     dataset = make_dataset(48, dtype=torch.float32)
     _, records = fit_fork(module, dataset, tmp_path, p=2, epochs=1, batch_size=4, precision="bf16-mixed",
                           strategy=EASGDStrategy(tau=2, start_method="fork"))
@@ -144,10 +128,7 @@ def test_bf16_mixed_precision(tmp_path: Path) -> None:
 
 def test_single_worker_degenerates_without_collectives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        messages: Any) -> None:
-    torch.manual_seed(5)
-    module = ToyRegressor()
-    init = ToyRegressor()
-    init.load_state_dict(module.state_dict())
+    module, init = twins(ToyRegressor, 5)
     dataset = make_dataset(24)
     count_collectives(monkeypatch)
     _, records = fit_fork(module, dataset, tmp_path, p=1, epochs=1, batch_size=4,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import SEED, fit_fork, loaders
 from lightning.pytorch.loggers import CSVLogger
-from toy import ToyRegressor, count_collectives, make_dataset, replay_easgd
+from toy import ToyRegressor, count_collectives, make_dataset, replay_easgd, twins
 
 from lightning_easgd import EASGDStrategy, ElasticDistanceMonitor
 
@@ -26,10 +26,7 @@ def _rows(path: Path) -> dict[int, dict[str, float]]:
 
 
 def test_logged_distances_match_replay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    torch.manual_seed(30)
-    module = ToyRegressor(momentum=0.9, nesterov=True, batchnorm=True)
-    init = ToyRegressor(momentum=0.9, nesterov=True, batchnorm=True)
-    init.load_state_dict(module.state_dict())
+    module, init = twins(ToyRegressor, 30, momentum=0.9, nesterov=True, batchnorm=True)
     dataset = make_dataset(48)
     count_collectives(monkeypatch)
     logger = CSVLogger(tmp_path, name="logs", version=0)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from conftest import SEED, assert_close, fit_fork
 from lightning.pytorch.callbacks import ModelCheckpoint
-from toy import NaNLossRegressor, ToyRegressor, make_dataset, replay_easgd
+from toy import NaNLossRegressor, ToyRegressor, make_dataset, replay_easgd, twins
 
 from lightning_easgd import EASGDStrategy
 from lightning_easgd.checkpoint_io import AtomicCheckpointIO
@@ -41,10 +41,7 @@ def test_nan_loss_raises_on_every_rank_and_keeps_last_good_checkpoint(tmp_path: 
 
 
 def test_reset_policy_drops_and_restarts_the_diverged_worker(tmp_path: Path, messages: Any) -> None:
-    torch.manual_seed(40)
-    module = NaNLossRegressor(nan_rank=1, nan_step=3, momentum=0.9)
-    init = NaNLossRegressor(nan_rank=1, nan_step=3, momentum=0.9)
-    init.load_state_dict(module.state_dict())
+    module, init = twins(NaNLossRegressor, 40, nan_rank=1, nan_step=3, momentum=0.9)
     dataset = make_dataset(48)
     _, records = fit_fork(module, dataset, tmp_path, p=2, epochs=1, batch_size=4,
                           strategy=EASGDStrategy(tau=2, on_nonfinite="reset", start_method="fork"))

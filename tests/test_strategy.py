@@ -16,7 +16,7 @@ import torch
 from conftest import SEED, assert_close, fit_fork, loaders
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.strategies import StrategyRegistry
-from toy import ToyRegressor, make_dataset, replay_easgd
+from toy import ToyRegressor, make_dataset, replay_easgd, twins
 
 from lightning_easgd import EASGDStrategy
 from lightning_easgd.core import resolve_alpha
@@ -57,10 +57,7 @@ class SwapWitness(L.Callback):
 
 
 def test_mid_epoch_validation_runs_on_center_and_restores_local(tmp_path: Path) -> None:
-    torch.manual_seed(20)
-    module = ToyRegressor(momentum=0.9, nesterov=True)
-    init = ToyRegressor(momentum=0.9, nesterov=True)
-    init.load_state_dict(module.state_dict())
+    module, init = twins(ToyRegressor, 20, momentum=0.9, nesterov=True)
     dataset = make_dataset(48)
     _, records = fit_fork(module, dataset, tmp_path, p=2, epochs=1, batch_size=4, val_check_interval=4,
                           callbacks=[SwapWitness()], strategy=EASGDStrategy(tau=3, start_method="fork"))
@@ -117,10 +114,7 @@ class _PredictionFiles(BasePredictionWriter):
 
 
 def test_spawn_user_module_holds_center(tmp_path: Path) -> None:
-    torch.manual_seed(22)
-    module = ToyRegressor()
-    init = ToyRegressor()
-    init.load_state_dict(module.state_dict())
+    module, init = twins(ToyRegressor, 22)
     dataset = make_dataset(32)
     fit_fork(module, dataset, tmp_path, p=2, epochs=1, batch_size=4,
              strategy=EASGDStrategy(tau=2, start_method="spawn"))

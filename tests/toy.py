@@ -8,10 +8,10 @@ of every worker and of the center against it.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -146,6 +146,15 @@ class TwoOptimizerRegressor(ToyRegressor):
             yield opt.step
 
 
+def twins(cls: type[ToyRegressor], seed: int, **kwargs: Any) -> tuple[ToyRegressor, ToyRegressor]:
+    """A freshly initialised module to train and an identical copy for the replay."""
+    torch.manual_seed(seed)
+    module = cls(**kwargs)
+    copy_ = cls(**kwargs)
+    copy_.load_state_dict(module.state_dict())
+    return module, copy_
+
+
 def rank_batches(dataset: TensorDataset, p: int, rank: int, epoch: int, batch_size: int, seed: int) -> list[Any]:
     """The batches Lightning's injected DistributedSampler(shuffle=True, seed=PL_GLOBAL_SEED) gives ``rank``."""
     sampler = DistributedSampler(dataset, num_replicas=p, rank=rank, shuffle=True, seed=seed)
@@ -211,7 +220,7 @@ def replay_easgd(
                             bad = [not all(d[k].isfinite().all() for k in floats) for d in diffs]
                             assert reset_nonfinite or not any(bad)
                             total = {k: sum(d[k] for d, b in zip(diffs, bad) if not b) for k in floats}
-                            for s, d, b in zip(states, diffs, bad):
+                            for s, d in zip(states, diffs):
                                 for k in floats:
                                     s[k].sub_(alpha * d[k])
                             norms = [torch.sqrt(sum((d[k].double() ** 2).sum() for k in floats)) for d in diffs]

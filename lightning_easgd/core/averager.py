@@ -30,7 +30,6 @@ from torch import Tensor
 from lightning_easgd.core.buckets import FlatLayout
 from lightning_easgd.core.hyperparams import validate_alpha, validate_tau
 
-
 NonFinitePolicy = Literal["raise", "reset"]
 
 
