@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, Literal
@@ -20,6 +21,7 @@ from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import _StrategyRegistry
 from lightning.fabric.utilities.optimizer import _optimizer_to_device, _optimizers_to_device
+from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
@@ -27,7 +29,7 @@ from lightning.pytorch.plugins.layer_sync import LayerSync
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torch.nn import Module
@@ -192,6 +194,32 @@ class EASGDStrategy(DDPStrategy):
             )
 
     # ------------------------------------------------------------------ setup and teardown
+
+    @override
+    def setup_distributed(self) -> None:
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if attempt == "0" or dist.is_initialized():
+            super().setup_distributed()
+            return
+        # TorchElastic restarted the workers (after a crash, say). Its store can still hold the previous attempt's
+        # process-group addresses, and a rank that reads one before the restarted peer overwrites it dials a dead
+        # port. Namespacing the store by attempt makes every restart rendezvous afresh.
+        reset_seed()
+        self.set_world_ranks()
+        self._process_group_backend = self._get_process_group_backend()
+        assert self.cluster_environment is not None
+        os.environ["MASTER_ADDR"] = self.cluster_environment.main_address
+        os.environ["MASTER_PORT"] = str(self.cluster_environment.main_port)
+        timeout = self._timeout or default_pg_timeout
+        store, _, _ = next(dist.rendezvous("env://", self.global_rank, self.world_size, timeout=timeout))
+        dist.init_process_group(
+            self._process_group_backend,
+            store=dist.PrefixStore(f"lightning_easgd/attempt_{attempt}", store),
+            rank=self.global_rank,
+            world_size=self.world_size,
+            timeout=timeout,
+            device_id=self.root_device if self.root_device.type != "cpu" else None,
+        )
 
     @override
     def setup(self, trainer: Trainer) -> None:
@@ -413,7 +441,7 @@ class EASGDStrategy(DDPStrategy):
         workers = section.get("workers")
         saved_p = int(section["world_size"])
         if workers is None:
-            rank_zero_info(
+            rank_zero_warn(
                 f"EASGD resume: the checkpoint holds no worker states (saved with save_worker_states=False); all "
                 f"{self.world_size} workers start from the center."
             )
@@ -421,7 +449,7 @@ class EASGDStrategy(DDPStrategy):
         self._workers = workers
         if saved_p != self.world_size:
             kept = min(saved_p, self.world_size)
-            rank_zero_info(
+            rank_zero_warn(
                 f"EASGD resume: the checkpoint has {saved_p} workers and this run has {self.world_size}; "
                 f"own weights and optimizer state restored: {_workers(0, kept)}"
                 + (f"; starting from the center: {_workers(kept, self.world_size)}" if self.world_size > kept else "")
