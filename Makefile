@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 
 .PHONY: install test train quickstart
 
+CIFAR10_DIR ?= ../shared/data/cifar10
+TRAIN_ARGS ?= trainer=cpu trainer.devices=2 trainer.max_epochs=10 data.num_workers=0
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -17,8 +20,10 @@ install: $(VENV)/.installed
 test: install
 	$(BIN)/python -m pytest
 
-# The main job: a short EASGD run, 2 CPU workers on synthetic data.
-train: quickstart
+# The main job: the paper's CIFAR-10 net with EAMSGD (tau = 10) on 2 CPU workers, from the offline CIFAR-10 copy.
+train: install
+	$(BIN)/python recipes/cifar10.py experiment=cifar10_paper_eamsgd data.data_dir=$(CIFAR10_DIR) \
+		data.verify_integrity=false $(TRAIN_ARGS)
 
 quickstart: install
 	$(BIN)/python examples/quickstart.py

@@ -1,0 +1,204 @@
+"""The one training function behind ``recipes/cifar10.py`` and ``recipes/imagenet.py``.
+
+It only instantiates what the Hydra config describes, so it works unchanged with your own ``model``, ``data``,
+``module`` or ``strategy`` configs (add a config directory with ``hydra.searchpath`` or ``--config-dir``).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig
+
+__all__ = ["train"]
+
+_TEST_CKPT_CHOICES = ("last", "best")
+AUTO_RESUME = "auto"
+
+
+def _instantiate_named(cfg: DictConfig | None, kind: str) -> list[Any]:
+    """Instantiate a ``{name: {_target_: ...}}`` mapping (callbacks, loggers); ``null`` entries are disabled."""
+    if cfg is None:
+        return []
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"{kind} must be a mapping of name -> config with _target_, got {type(cfg).__name__}")
+    objects = []
+    for name, node in cfg.items():
+        if node is None:
+            continue
+        if not isinstance(node, Mapping) or "_target_" not in node:
+            raise ValueError(f"{kind}.{name} must be a config with a _target_ (or null to disable it), got {node!r}")
+        objects.append(instantiate(node))
+    return objects
+
+
+def _check_launch(cfg: DictConfig, trainer: pl.Trainer) -> None:
+    """Refuse combinations that would silently do something else than asked."""
+    if (
+        HydraConfig.initialized()
+        and HydraConfig.get().mode == RunMode.MULTIRUN
+        and isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher)
+    ):
+        raise ValueError(
+            "strategy.start_method='popen' does not work in a Hydra multirun (-m): it re-runs the command line, "
+            "sweep included, in every worker. Add strategy.start_method=fork (or spawn) to the command."
+        )
+    devices = cfg.trainer.get("devices", 1)
+    if isinstance(trainer.strategy, SingleDeviceStrategy) and devices not in (1, "1", "auto"):
+        raise ValueError(
+            f"trainer.devices={devices} but strategy {type(trainer.strategy).__name__} runs one worker; "
+            "set trainer.devices=1 or choose a multi-worker strategy (easgd, eamsgd, ddp)"
+        )
+
+
+def _open_csv_logs(loggers: list[Logger]) -> None:
+    """Create the CSV writers in this process now, while their ``metrics.csv`` does not exist yet.
+
+    Lightning's CSV writer deletes an existing ``metrics.csv`` when it is created. With the fork/spawn
+    launchers, ``fit`` and ``test`` each run in fresh worker processes that copy this process's loggers; if the
+    writer were first created inside ``test``'s workers it would delete what ``fit``'s workers logged.
+    """
+    for logger in loggers:
+        if isinstance(logger, CSVLogger):
+            logger.experiment  # noqa: B018  (creating the writer is the point)
+
+
+def _continue_csv_logs(trainer: pl.Trainer) -> None:
+    """Teach this process's CSV writers the columns that ``fit``'s worker processes wrote.
+
+    Without this, the test rows of a fork/spawn run would be written with a header that lacks the training
+    columns. With popen or torchrun this process did the logging itself and nothing changes. Only global rank 0
+    has real writers.
+    """
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        if not isinstance(logger, CSVLogger):
+            continue
+        writer = logger.experiment
+        path = Path(writer.metrics_file_path)
+        if path.is_file():
+            with path.open(newline="") as file:
+                header = next(csv.reader(file), [])
+            writer.metrics_keys = sorted(set(writer.metrics_keys) | set(header))
+
+
+def _test_checkpoint(checkpoint: ModelCheckpoint, which: str) -> str:
+    """Path of the checkpoint to test; it holds the center's weights under EASGD."""
+    if which == "best":
+        path = checkpoint.best_model_path
+    else:
+        # With fork/spawn launchers only `best_model_path` travels back to this process, so look on disk.
+        path = checkpoint.last_model_path
+        if not path and checkpoint.dirpath is not None:
+            candidates = sorted(Path(checkpoint.dirpath).glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+            path = str(candidates[-1]) if candidates else ""
+    if not path or not Path(path).is_file():
+        raise FileNotFoundError(
+            f"test_ckpt={which!r}: no such checkpoint was written (dirpath={checkpoint.dirpath!r}, "
+            f"monitor={checkpoint.monitor!r}). Check that validation ran and logged the monitored metric, "
+            "and that callbacks.model_checkpoint.save_last is true for test_ckpt=last."
+        )
+    return path
+
+
+def _resume_path(cfg: DictConfig, checkpoint: ModelCheckpoint) -> str | None:
+    """The checkpoint ``fit`` resumes from: ``ckpt_path=auto`` picks this run's ``last.ckpt`` when there is one.
+
+    A restarted job (torchrun ``--max-restarts``, a SLURM requeue) re-runs the same command with the same run
+    directory, so it continues from its latest checkpoint without anyone passing a path.
+    """
+    ckpt_path = cfg.get("ckpt_path", AUTO_RESUME)
+    if ckpt_path != AUTO_RESUME:
+        return ckpt_path
+    if checkpoint.dirpath is None:
+        return None
+    last = Path(checkpoint.dirpath) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+    if not last.is_file():
+        return None
+    if rank_zero_only.rank == 0:
+        print(f"Resuming from {last} (ckpt_path=auto)", flush=True)
+    return str(last)
+
+
+def _report(trainer: pl.Trainer, tested: str, metrics: Mapping[str, float]) -> None:
+    """Print, on global rank 0, the center's test metrics and where checkpoints and logs went."""
+    if not trainer.is_global_zero:
+        return
+    lines = ["", "Center test metrics (checkpoint " + tested + "):"]
+    lines += [f"  {key} = {value:.4f}" for key, value in sorted(metrics.items())]
+    checkpoint = trainer.checkpoint_callback
+    if isinstance(checkpoint, ModelCheckpoint):
+        lines.append(f"Checkpoints: {Path(checkpoint.dirpath).resolve() if checkpoint.dirpath else '(none)'}")
+        if checkpoint.best_model_path:
+            lines.append(f"  best ({checkpoint.monitor}): {checkpoint.best_model_path}")
+    for logger in trainer.loggers:
+        location = logger.log_dir or logger.save_dir
+        lines.append(f"Logs ({type(logger).__name__}): {Path(location).resolve() if location else '(none)'}")
+    if HydraConfig.initialized():
+        lines.append(f"Run directory (config in .hydra/): {HydraConfig.get().runtime.output_dir}")
+    print("\n".join(lines), flush=True)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit the configured module with the configured strategy, then test the center and report.
+
+    Builds everything from ``cfg`` (keys ``data``, ``module``, ``strategy``, ``trainer``, ``callbacks``,
+    ``logger``, ``seed``, ``ckpt_path``, ``test_ckpt``), seeds every process identically (the paper starts the
+    center and all workers from the same weights), fits (resuming from ``ckpt_path``; ``"auto"``, the default,
+    resumes from this run directory's ``last.ckpt`` if a previous attempt left one, ``null`` never resumes), and
+    tests the checkpoint chosen by ``test_ckpt``
+    (``"last"``: the end of training; ``"best"``: the best ``val/acc``). Under EASGD the checkpoints, and so the
+    test, hold the center variable. Testing from a checkpoint rather than from in-memory weights gives the same
+    answer for every launcher: with fork/spawn only rank 0's *worker* weights return to the launching process.
+
+    Args:
+        cfg: The composed Hydra config (see ``conf/cifar10.yaml``).
+
+    Returns:
+        The test metrics, e.g. ``{"test/acc": ..., "test/acc_top5": ..., "test/loss": ...}``.
+
+    Raises:
+        ValueError: for combinations that cannot work (popen launcher in a multirun, a single-device strategy
+            with several devices, an unknown ``test_ckpt``).
+        TypeError: the callbacks include no ``ModelCheckpoint`` to test from.
+    """
+    test_ckpt = cfg.get("test_ckpt", "last")
+    if test_ckpt not in _TEST_CKPT_CHOICES:
+        raise ValueError(f"test_ckpt must be one of {_TEST_CKPT_CHOICES}, got {test_ckpt!r}")
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    datamodule: pl.LightningDataModule = instantiate(cfg.data)
+    module: pl.LightningModule = instantiate(cfg.module)
+    strategy = instantiate(cfg.strategy)
+    callbacks: list[Callback] = _instantiate_named(cfg.get("callbacks"), "callbacks")
+    loggers: list[Logger] = _instantiate_named(cfg.get("logger"), "logger")
+    trainer: pl.Trainer = instantiate(cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers or False)
+    _check_launch(cfg, trainer)
+    checkpoint = trainer.checkpoint_callback
+    if not isinstance(checkpoint, ModelCheckpoint):
+        raise TypeError(
+            "testing the center needs a ModelCheckpoint callback; keep callbacks.model_checkpoint (callbacks=default)"
+        )
+
+    _open_csv_logs(trainer.loggers)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, checkpoint))
+    _continue_csv_logs(trainer)
+    tested = _test_checkpoint(checkpoint, test_ckpt)
+    results = trainer.test(module, datamodule=datamodule, ckpt_path=tested, verbose=False)
+    metrics = {key: float(value) for key, value in (results[0] if results else {}).items()}
+    _report(trainer, tested, metrics)
+    return metrics

@@ -1,0 +1,252 @@
+"""Every config group option and every experiment composes and instantiates; bad overrides fail readably."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, InstantiationException
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from omegaconf import DictConfig, OmegaConf, open_dict
+from recipe_helpers import CONF_DIR, experiments, group_options
+
+from lightning_easgd import EASGDStrategy, ElasticDistanceMonitor
+from lightning_easgd.classifier import ImageClassifier, LRSchedulerSpec
+from lightning_easgd.schedulers import DivideOnPlateau
+from lightning_easgd.train import train
+
+Compose = Callable[..., DictConfig]
+
+
+@pytest.fixture
+def fake_cifar10(tmp_path: Path) -> Path:
+    """A CIFAR-10 root whose files exist but are empty: enough for the layout check (with verify_integrity off)."""
+    folder = tmp_path / "cifar10" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"):
+        (folder / name).touch()
+    (folder / "batches.meta").touch()
+    return folder.parent
+
+
+@pytest.fixture
+def fake_imagenet(tmp_path: Path) -> Path:
+    """An ImageFolder root with 1000 empty class folders in train/ and val/: enough for the layout check."""
+    root = tmp_path / "imagenet"
+    for split in ("train", "val"):
+        for index in range(1000):
+            (root / split / f"n{index:08d}").mkdir(parents=True)
+    return root
+
+
+@pytest.fixture
+def compose_cfg(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
+    """Compose ``conf/<config_name>.yaml`` with overrides, as ``@hydra.main`` would, outputs under tmp_path.
+
+    HydraConfig is set so that ``${hydra:...}`` interpolations resolve, and cleared afterwards.
+    """
+
+    def _compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name, overrides=list(overrides or []), return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+            cfg.hydra.job.num = 0
+        HydraConfig.instance().set_config(cfg)
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()
+    HydraConfig.instance().cfg = None  # type: ignore[assignment]
+
+
+def _data_overrides(fake_cifar10: Path, fake_imagenet: Path) -> tuple[list[str], list[str]]:
+    """Overrides pointing data=cifar10 and data=imagenet at fake trees (only their layout is checked on build)."""
+    return [f"data.data_dir={fake_cifar10}", "data.verify_integrity=false"], [f"data.data_dir={fake_imagenet}"]
+
+
+def _build(cfg: DictConfig) -> pl.Trainer:
+    """Instantiate everything ``train`` would, without fitting."""
+    datamodule = instantiate(cfg.data)
+    assert isinstance(datamodule, pl.LightningDataModule)
+    module = instantiate(cfg.module)
+    assert isinstance(module, ImageClassifier)
+    optimizers = module.configure_optimizers()
+    assert optimizers is not None
+    callbacks = [instantiate(node) for node in cfg.callbacks.values()]
+    loggers = [instantiate(node) for node in cfg.logger.values()]
+    return instantiate(cfg.trainer, strategy=instantiate(cfg.strategy), callbacks=callbacks, logger=loggers)
+
+
+@pytest.mark.parametrize("config_name", ["cifar10", "imagenet"])
+def test_primary_config_instantiates(
+    config_name: str, compose_cfg: Compose, fake_cifar10: Path, fake_imagenet: Path
+) -> None:
+    cifar, imagenet = _data_overrides(fake_cifar10, fake_imagenet)
+    cfg = compose_cfg(config_name, cifar if config_name == "cifar10" else imagenet)
+    trainer = _build(cfg)
+    assert isinstance(trainer.strategy, EASGDStrategy)
+    assert any(isinstance(cb, ElasticDistanceMonitor) for cb in trainer.callbacks)
+    assert isinstance(trainer.checkpoint_callback, ModelCheckpoint)
+    assert trainer.checkpoint_callback.monitor == "val/acc"
+
+
+@pytest.mark.parametrize("name", experiments())
+def test_experiment_composes_and_instantiates(
+    name: str, compose_cfg: Compose, fake_cifar10: Path, fake_imagenet: Path
+) -> None:
+    config_name = name.split("_")[0]
+    cifar, imagenet = _data_overrides(fake_cifar10, fake_imagenet)
+    cfg = compose_cfg(config_name, [f"experiment={name}", *(cifar if config_name == "cifar10" else imagenet)])
+    trainer = _build(cfg)
+    if "msgd" in name.split("_"):
+        assert isinstance(trainer.strategy, SingleDeviceStrategy)
+        assert trainer.world_size == 1
+    else:
+        assert isinstance(trainer.strategy, EASGDStrategy)
+        assert trainer.strategy.beta == 0.9 and trainer.strategy.tau == 10
+    if "_sweep" in name:
+        assert cfg.hydra.sweeper.params, "sweep presets carry their sweep"
+        if "msgd" not in name.split("_"):
+            assert cfg.strategy.start_method != "popen", "multirun needs fork/spawn workers"
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("cifar10_paper_eamsgd_tau_sweep", {"strategy.tau": "1,4,16,64", "optimizer.lr": "0.01,0.005,0.001"}),
+        ("cifar10_paper_easgd_tau_sweep", {"strategy.tau": "1,4,16,64", "optimizer.lr": "0.05,0.01,0.005"}),
+        ("cifar10_paper_eamsgd_p_sweep", {"trainer.devices": "4,8,16", "optimizer.lr": "0.01,0.005,0.001"}),
+        ("cifar10_paper_easgd_p_sweep", {"trainer.devices": "4,8,16", "optimizer.lr": "0.05,0.01,0.005"}),
+        ("cifar10_paper_msgd_lr_sweep", {"optimizer.lr": "1.0e-3,5.0e-4,1.0e-4"}),
+        ("imagenet_paper_eamsgd_p_sweep", {"trainer.devices": "4,8"}),
+        ("imagenet_paper_easgd_p_sweep", {"trainer.devices": "4,8"}),
+    ],
+)
+def test_sweeps_are_the_papers(name: str, params: dict[str, str], compose_cfg: Compose) -> None:
+    cfg = compose_cfg(name.split("_")[0], [f"experiment={name}"])
+    assert OmegaConf.to_container(cfg.hydra.sweeper.params) == params
+
+
+def test_paper_hyperparameters(compose_cfg: Compose) -> None:
+    eamsgd = compose_cfg("cifar10", ["experiment=cifar10_paper_eamsgd"])
+    assert eamsgd.optimizer.momentum == 0.99 and eamsgd.optimizer.nesterov
+    assert eamsgd.optimizer.weight_decay == 1e-4 and eamsgd.data.batch_size == 128
+    assert eamsgd.data.preprocessing == "paper" and eamsgd.trainer.devices == 4
+    assert "lr_scheduler" not in eamsgd or eamsgd.lr_scheduler is None  # constant learning rate
+    easgd = compose_cfg("cifar10", ["experiment=cifar10_paper_easgd"])
+    assert "momentum" not in easgd.optimizer and easgd.optimizer.lr == 0.01
+    imagenet = compose_cfg("imagenet", ["experiment=imagenet_paper_easgd"])
+    assert imagenet.optimizer.lr == 0.1 and imagenet.optimizer.weight_decay == 1e-5
+    assert imagenet.data.resize == 256 and imagenet.data.crop_size == 221
+    assert list(imagenet.lr_scheduler.scheduler.divisors) == [5.0, 2.0]
+    assert imagenet.lr_scheduler.monitor == "train/loss_epoch"
+
+
+@pytest.mark.parametrize("group", ["model", "data", "optimizer", "lr_scheduler", "module"])
+def test_every_option_of_the_model_side_groups_instantiates(
+    group: str, compose_cfg: Compose, fake_cifar10: Path, fake_imagenet: Path
+) -> None:
+    cifar, imagenet = _data_overrides(fake_cifar10, fake_imagenet)
+    for option in group_options(group):
+        data = {"imagenet": imagenet, "synthetic": []}.get(option, cifar) if group == "data" else cifar
+        cfg = compose_cfg("cifar10", [f"{group}={option}", *data])
+        obj = instantiate(cfg[group])
+        if group == "model":
+            size = 221 if option == "paper_imagenet" else 28 if option == "paper_cifar10" else 32
+            assert obj(torch.randn(2, 3, size, size)).shape == (2, cfg.data.num_classes)
+        elif group == "data":
+            assert isinstance(obj, pl.LightningDataModule)
+        elif group == "optimizer":
+            assert isinstance(obj([torch.nn.Parameter(torch.zeros(1))]), torch.optim.Optimizer)
+        elif group == "lr_scheduler":
+            assert isinstance(obj, LRSchedulerSpec)
+            built = obj.build(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
+            assert built["interval"] == "epoch"
+            if option == "divide_on_plateau":
+                assert isinstance(built["scheduler"], DivideOnPlateau)
+        else:
+            assert isinstance(obj, ImageClassifier)
+
+
+@pytest.mark.parametrize("group", ["strategy", "trainer", "logger", "callbacks"])
+def test_every_option_of_the_training_side_groups_instantiates(
+    group: str, compose_cfg: Compose, fake_cifar10: Path, fake_imagenet: Path
+) -> None:
+    cifar, _ = _data_overrides(fake_cifar10, fake_imagenet)
+    expected = {
+        "easgd": EASGDStrategy,
+        "eamsgd": EASGDStrategy,
+        "ddp": DDPStrategy,
+        "msgd": SingleDeviceStrategy,
+    }
+    for option in group_options(group):
+        cfg = compose_cfg("cifar10", [f"{group}={option}", *cifar])
+        if group == "strategy":
+            strategy = instantiate(cfg.strategy)
+            assert type(strategy) is expected[option]
+            has_monitor = "elastic_distance" in cfg.callbacks
+            assert has_monitor == (option not in ("ddp", "msgd")), "distance monitor on exactly with EASGD"
+            # The EASGD variants pick their local optimizer, msgd its momentum SGD; ddp keeps the recipe's.
+            assert cfg.optimizer.get("nesterov", False) == (not option.startswith("easgd"))
+        elif group == "trainer":
+            if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+                continue  # composes (checked above); a GPU Trainer cannot be built on this machine
+            trainer = instantiate(cfg.trainer, strategy=instantiate(cfg.strategy), logger=False)
+            assert isinstance(trainer, pl.Trainer)
+        else:
+            objects = [instantiate(node) for node in cfg[group].values()]
+            assert objects, f"{group}={option} is empty"
+
+
+def test_eamsgd_local_optimizer_is_nesterov_099(compose_cfg: Compose) -> None:
+    cfg = compose_cfg("cifar10", ["strategy=eamsgd"])
+    optimizer = instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(1))])
+    assert optimizer.defaults["momentum"] == 0.99 and optimizer.defaults["nesterov"]
+    # An explicit optimizer choice on the command line wins over the strategy's default.
+    cfg = compose_cfg("cifar10", ["strategy=eamsgd", "optimizer=sgd"])
+    assert "momentum" not in cfg.optimizer
+
+
+def test_unknown_model_names_the_group_and_the_options(compose_cfg: Compose) -> None:
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_cfg("cifar10", ["model=resnet9000"])
+    message = str(error.value)
+    assert "model" in message and "resnet9000" in message and "paper_cifar10" in message
+
+
+def test_negative_tau_names_the_parameter(compose_cfg: Compose) -> None:
+    cfg = compose_cfg("cifar10", ["strategy.tau=-1"])
+    with pytest.raises(InstantiationException, match="tau"):
+        instantiate(cfg.strategy)
+
+
+def test_missing_data_dir_says_which_layout_is_expected(compose_cfg: Compose, tmp_path: Path) -> None:
+    cfg = compose_cfg("cifar10", [f"data.data_dir={tmp_path / 'nowhere'}"])
+    with pytest.raises(InstantiationException, match="cifar-10-batches-py"):
+        instantiate(cfg.data)
+    cfg = compose_cfg("imagenet", [f"data.data_dir={tmp_path / 'nowhere'}"])
+    with pytest.raises(InstantiationException, match=r"train/<class>/<image>"):
+        instantiate(cfg.data)
+
+
+def test_single_worker_strategy_refuses_several_devices(compose_cfg: Compose, fake_cifar10: Path) -> None:
+    cifar, _ = _data_overrides(fake_cifar10, fake_cifar10)
+    cfg = compose_cfg("cifar10", ["strategy=msgd", "trainer.devices=4", "logger=csv", *cifar])
+    with pytest.raises(ValueError, match="trainer.devices=4"):
+        train(cfg)
+
+
+def test_unknown_test_ckpt_is_refused(compose_cfg: Compose) -> None:
+    cfg = compose_cfg("cifar10", ["test_ckpt=middle"])
+    with pytest.raises(ValueError, match="test_ckpt"):
+        train(cfg)
