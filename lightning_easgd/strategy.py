@@ -29,6 +29,7 @@ from lightning.pytorch.plugins.layer_sync import LayerSync
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
@@ -166,6 +167,7 @@ class EASGDStrategy(DDPStrategy):
         self._loaded: dict[str, Any] | None = None  # this strategy's section of the checkpoint being resumed
         self._workers: list[dict[str, Any]] | None = None  # saved worker states awaiting the optimizer restore
         self._pending_rng: dict[str, Any] | None = None
+        self._patched_loop: Any = None  # the training epoch loop whose per-batch SIGTERM broadcast is replaced
 
     # ------------------------------------------------------------------ properties
 
@@ -274,6 +276,9 @@ class EASGDStrategy(DDPStrategy):
 
     @override
     def teardown(self) -> None:
+        if self._patched_loop is not None:
+            del self._patched_loop._broadcast_sigterm_tensor  # back to the class's method
+            self._patched_loop = None
         if self._averager is not None:
             module = self.lightning_module
             if module is not None and module._trainer is not None and module.trainer.state.fn == TrainerFn.FITTING:
@@ -312,8 +317,21 @@ class EASGDStrategy(DDPStrategy):
     @override
     def on_train_start(self) -> None:
         assert self._averager is not None and self.lightning_module is not None
+        trainer = self.lightning_module.trainer
         # The clock is the number of optimizer steps taken, which Lightning restores on resume.
-        self._averager.clock = self.lightning_module.trainer.global_step
+        self._averager.clock = trainer.global_step
+        # Lightning 2.6 broadcasts a SIGTERM flag from rank 0 before every training batch
+        # (_TrainingEpochLoop._broadcast_sigterm_tensor): a collective on every step that makes every worker wait
+        # for the slowest, which EASGD exists to avoid. Each rank checks its own flag instead. SLURM and torchrun
+        # signal every rank; if only some ranks get SIGTERM, the others stop at their next exchange with an
+        # ExchangeError (within `timeout`).
+        def check_local_sigterm() -> None:
+            if getattr(trainer, "received_sigterm", False):
+                raise SIGTERMException()
+
+        epoch_loop = trainer.fit_loop.epoch_loop
+        epoch_loop._broadcast_sigterm_tensor = check_local_sigterm  # type: ignore[method-assign]
+        self._patched_loop = epoch_loop
 
     # ------------------------------------------------------------------ evaluation on the center
 

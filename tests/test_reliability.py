@@ -173,3 +173,27 @@ def test_bad_reliability_parameters() -> None:
         EASGDStrategy(on_nonfinite="skip")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="timeout=5 is invalid: it must be a positive datetime.timedelta"):
         EASGDStrategy(timeout=5)  # type: ignore[arg-type]
+
+
+def test_sigterm_to_every_rank_stops_training_without_a_per_step_broadcast(tmp_path: Path) -> None:
+    """SIGTERM to the whole job (as SLURM and torchrun send it) stops every rank promptly, although each rank
+    now checks its own flag instead of Lightning's per-batch broadcast of rank 0's flag."""
+    proc = subprocess.Popen([sys.executable, "tests/scripts/long_fit.py", str(tmp_path)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "training").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "training never started"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGTERM)
+        start = time.monotonic()
+        out, _ = proc.communicate(timeout=60)
+        assert time.monotonic() - start < 60
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    # Lightning ends a SIGTERMed fit like SystemExit (status 0); training must simply have stopped, on every rank
+    # (communicate() returned, so no process holds the output pipe any more).
+    assert "Received SIGTERM" in out, out[-3000:]
+    assert not (tmp_path / "finished").exists()

@@ -263,12 +263,19 @@ class Recorder(L.Callback):
         if not trainer.sanity_checking and args[-1] == 0:  # first batch of a real validation run
             self.val_seen.append({k: v.clone() for k, v in pl_module.state_dict().items()})
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+    # Collectives are counted over the whole training loop iteration of each batch: from the end of the previous
+    # batch (or the start of the epoch, or the end of a validation run) to the end of this one, so that whatever
+    # the loop does before `on_train_batch_start` counts too.
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._before = dict(COUNTS)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._before = dict(COUNTS)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         diff = {k: COUNTS.get(k, 0) - self._before.get(k, 0) for k in COUNTS}
         self.collectives.append((trainer.global_step, {k: v for k, v in diff.items() if v}))
+        self._before = dict(COUNTS)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         strategy = trainer.strategy
