@@ -40,8 +40,8 @@ from typing_extensions import override
 
 from lightning_easgd.checkpoint_io import AtomicCheckpointIO
 from lightning_easgd.core import DEFAULT_BETA, ElasticAverager, broadcast_tensors, resolve_alpha
-from lightning_easgd.core.averager import NonFinitePolicy
 from lightning_easgd.core.hyperparams import validate_alpha, validate_beta, validate_tau
+from lightning_easgd.core.worker import ElasticWorker, NonFinitePolicy
 from lightning_easgd.rng import capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ class EASGDStrategy(DDPStrategy):
         self.bucket_cap_mb = float(bucket_cap_mb)
         self.save_worker_states = save_worker_states
         self.on_nonfinite: NonFinitePolicy = on_nonfinite
-        self._averager: ElasticAverager | None = None
+        self._averager: ElasticWorker | None = None
         self._state_keys: dict[str, int] = {}  # state_dict key -> index of the averaged tensor it names
         self._loaded: dict[str, Any] | None = None  # this strategy's section of the checkpoint being resumed
         self._workers: list[dict[str, Any]] | None = None  # saved worker states awaiting the optimizer restore
@@ -172,7 +172,7 @@ class EASGDStrategy(DDPStrategy):
     # ------------------------------------------------------------------ properties
 
     @property
-    def averager(self) -> ElasticAverager | None:
+    def averager(self) -> ElasticWorker | None:
         """The exchange between this worker and the center; None outside ``setup``/``teardown``."""
         return self._averager
 
@@ -264,12 +264,12 @@ class EASGDStrategy(DDPStrategy):
         self._state_keys = {key: index[id(v)] for key, v in state.items() if isinstance(v, Tensor) and id(v) in index}
         self._averager = self._create_averager(elastic, alpha)
         log.debug(
-            "EASGD: %d workers, tau=%d, alpha=%g, %d tensors, %d bytes in %d buckets per exchange",
-            self.world_size, self.tau, alpha, len(elastic), self._averager.bytes_per_exchange,
+            "EASGD: %d workers, tau=%d, alpha=%g, %d tensors of %d bytes in %d buckets",
+            self.world_size, self.tau, alpha, len(elastic), self._averager.layout.nbytes,
             len(self._averager.layout.buckets),
         )
 
-    def _create_averager(self, elastic: list[tuple[str, Tensor]], alpha: float) -> ElasticAverager:
+    def _create_averager(self, elastic: list[tuple[str, Tensor]], alpha: float) -> ElasticWorker:
         """Build the exchange over ``elastic`` (all ranks hold equal values here); subclasses swap the algorithm."""
         return ElasticAverager(elastic, tau=self.tau, alpha=alpha, bucket_cap_mb=self.bucket_cap_mb,
                                overlap=self.overlap, on_nonfinite=self.on_nonfinite, timeout=self._timeout)

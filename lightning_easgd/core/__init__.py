@@ -4,13 +4,15 @@ Adapters (the Lightning strategy, a future Fabric one) only decide *when* to cal
 when an optimizer step happens, when evaluation starts and ends, and what goes into a checkpoint.
 """
 
-from lightning_easgd.core.averager import ElasticAverager, ExchangeError, ExchangeStats, NonFiniteWorkerError
+from lightning_easgd.core.averager import ElasticAverager
 from lightning_easgd.core.buckets import FlatLayout, broadcast_tensors
 from lightning_easgd.core.hyperparams import DEFAULT_BETA, resolve_alpha, validate_alpha, validate_beta, validate_tau
+from lightning_easgd.core.worker import ElasticWorker, ExchangeError, ExchangeStats, NonFiniteWorkerError
 
 __all__ = [
     "DEFAULT_BETA",
     "ElasticAverager",
+    "ElasticWorker",
     "ExchangeError",
     "ExchangeStats",
     "FlatLayout",

@@ -17,53 +17,22 @@ averager around a Nesterov-momentum SGD.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_easgd.core.buckets import FlatLayout
-from lightning_easgd.core.hyperparams import validate_alpha, validate_tau
-
-NonFinitePolicy = Literal["raise", "reset"]
-
-
-class NonFiniteWorkerError(RuntimeError):
-    """A worker's weights (so its elastic difference) turned non-finite; the exchange was abandoned."""
-
-
-class ExchangeError(RuntimeError):
-    """The exchange's collective failed or timed out, typically because a peer died or stalled."""
-
-
-@dataclass(frozen=True)
-class ExchangeStats:
-    """How far the workers were from the center at one exchange, measured on d_i before the pull.
-
-    Attributes:
-        step: the worker's clock t at the exchange (optimizer steps taken before it).
-        distances: ``[p]`` float64 tensor, ‖x_i − x̃‖₂ of every rank i.
-        center_norm: ‖x̃‖₂ of the center the differences were taken against.
-        layer_distances: ``[p, n_tensors]`` float64 tensor of per-tensor distances, when requested.
-        extra: further scalars an exchange algorithm reports (e.g. the center's version lag in asynchronous
-            EASGD); monitors log them under their own names.
-    """
-
-    step: int
-    distances: Tensor
-    center_norm: float
-    layer_distances: Tensor | None = None
-    extra: Mapping[str, float] = field(default_factory=dict)
-
-    @property
-    def relative_distances(self) -> Tensor:
-        """‖x_i − x̃‖₂ / ‖x̃‖₂ for every rank (infinite if the center is exactly zero)."""
-        return self.distances / self.center_norm
+from lightning_easgd.core.worker import (
+    ElasticWorker,
+    ExchangeError,
+    ExchangeStats,
+    NonFinitePolicy,
+    NonFiniteWorkerError,
+)
 
 
 @dataclass
@@ -73,7 +42,7 @@ class _PendingExchange:
     center_norm: float
 
 
-class ElasticAverager:
+class ElasticAverager(ElasticWorker):
     """The elastic exchange between one worker's tensors and a center replicated on every rank.
 
     All ranks must construct it collectively, with the same tensors (same names, shapes, dtypes, order) holding
@@ -110,51 +79,20 @@ class ElasticAverager:
         on_nonfinite: NonFinitePolicy = "raise",
         timeout: timedelta | None = None,
     ) -> None:
-        if not named_tensors:
-            raise ValueError("named_tensors is empty: EASGD needs at least one tensor to average")
-        self.names: tuple[str, ...] = tuple(name for name, _ in named_tensors)
-        if len(set(self.names)) != len(self.names):
-            raise ValueError("named_tensors has duplicate names")
-        self.tensors: list[Tensor] = [t for _, t in named_tensors]
-        for name, t in named_tensors:
-            if not t.is_floating_point():
-                raise ValueError(f"tensor {name!r} has dtype {t.dtype}: only floating-point tensors can be averaged")
-        self.tau = validate_tau(tau)
-        self.alpha = validate_alpha(alpha)
+        super().__init__(named_tensors, tau=tau, alpha=alpha, bucket_cap_mb=bucket_cap_mb, overlap=overlap,
+                         on_nonfinite=on_nonfinite, timeout=timeout)
         self.group = group
         distributed = dist.is_available() and dist.is_initialized()
         self.world_size = dist.get_world_size(group) if distributed else 1
         self.rank = dist.get_rank(group) if distributed else 0
-        self.overlap = bool(overlap)
-        if on_nonfinite not in ("raise", "reset"):
-            raise ValueError(f"on_nonfinite={on_nonfinite!r} is invalid: choose 'raise' or 'reset'")
-        self.on_nonfinite: NonFinitePolicy = on_nonfinite
-        self.timeout = timeout
-        self.clock = 0
-        """Optimizer steps this worker has taken; the exchange happens when it is a positive multiple of τ."""
-
-        self.layout = FlatLayout(self.tensors, bucket_cap_mb)
-        self._center = self.layout.allocate()
         self._diff = self.layout.allocate()
         # The all-reduce overwrites its buffer with Σ_i d_i while this worker still needs its own d_i.
         self._sum = self.layout.allocate() if self.world_size > 1 else self._diff
-        self._center_views = self.layout.views(self._center)
         self._diff_views = self.layout.views(self._diff)
-        with torch.no_grad():
-            torch._foreach_copy_(self._center_views, self.tensors)
-
+        self._local_views = self._diff_views  # d_i is idle between steps: it keeps the local values during swaps
         self._pending: _PendingExchange | None = None
-        self._center_in_use = False
-        self._track: bool | None = None  # None: no statistics; False: totals; True: totals and per tensor
-        self._stats: list[ExchangeStats] = []
-        self._resets: list[tuple[int, tuple[int, ...]]] = []
 
     # ------------------------------------------------------------------ the exchange
-
-    @property
-    def exchange_due(self) -> bool:
-        """Whether the next optimizer step starts with an exchange."""
-        return self.clock > 0 and self.clock % self.tau == 0
 
     @property
     def bytes_per_exchange(self) -> int:
@@ -250,26 +188,7 @@ class ElasticAverager:
             self._pending = None
         self.clock += 1
 
-    def pop_resets(self) -> list[tuple[int, tuple[int, ...]]]:
-        """``(step, ranks)`` of the exchanges since the last call that reset diverged workers to the center
-        (``on_nonfinite="reset"``); a reset worker's optimizer state is the caller's to clear."""
-        resets, self._resets = self._resets, []
-        return resets
-
     # ------------------------------------------------------------------ statistics
-
-    def track_distances(self, per_tensor: bool = False) -> None:
-        """Measure ‖x_i − x̃‖ at every exchange from now on, riding on the exchange (no extra step collectives).
-
-        Each rank writes its own distances into its slot of a small float64 vector that is summed in the same
-        exchange, so every rank learns every rank's distance.
-        """
-        self._track = bool(per_tensor) or bool(self._track)
-
-    def pop_stats(self) -> list[ExchangeStats]:
-        """Statistics of the exchanges since the last call, oldest first."""
-        stats, self._stats = self._stats, []
-        return stats
 
     def _local_stats(self) -> tuple[Tensor, float]:
         """This rank's slots of the statistics vector: ‖d_i‖ (also the finiteness flag) and per-tensor norms."""
@@ -290,91 +209,3 @@ class ElasticAverager:
         p = self.world_size
         layers = stats[p:].view(p, -1) if self._track else None
         self._stats.append(ExchangeStats(self.clock, stats[:p].clone(), center_norm, layers))
-
-    # ------------------------------------------------------------------ center and local weights
-
-    @property
-    def center_in_use(self) -> bool:
-        """Whether the tensors currently hold the center (between :meth:`use_center` and :meth:`restore_local`)."""
-        return self._center_in_use
-
-    def use_center(self) -> None:
-        """Put the center's values into the tensors (for evaluation), keeping the local values aside."""
-        if self._center_in_use:
-            raise RuntimeError("the center weights are already swapped in")
-        if self._pending is not None:
-            raise RuntimeError("cannot swap in the center during an optimizer step")
-        with torch.no_grad():
-            torch._foreach_copy_(self._diff_views, self.tensors)
-            torch._foreach_copy_(self.tensors, self._center_views)
-        self._center_in_use = True
-
-    def restore_local(self) -> None:
-        """Undo :meth:`use_center`: the tensors get back exactly the local values they had."""
-        if not self._center_in_use:
-            raise RuntimeError("the center weights are not swapped in")
-        with torch.no_grad():
-            torch._foreach_copy_(self.tensors, self._diff_views)
-        self._center_in_use = False
-
-    @contextmanager
-    def center_weights(self) -> Iterator[None]:
-        """Run a block with the center's values in the tensors; local values come back afterwards."""
-        self.use_center()
-        try:
-            yield
-        finally:
-            self.restore_local()
-
-    def adopt_center(self) -> None:
-        """Make the center this worker's weights for good (end of training): the local values are dropped."""
-        if self._center_in_use:
-            self._center_in_use = False
-            return
-        with torch.no_grad():
-            torch._foreach_copy_(self.tensors, self._center_views)
-
-    def center_values(self) -> list[Tensor]:
-        """Views of the center, one per tensor (read-only by convention; clone before keeping them)."""
-        return list(self._center_views)
-
-    def local_values(self) -> list[Tensor]:
-        """This worker's own values, one per tensor, also while the center is swapped in."""
-        return list(self._diff_views) if self._center_in_use else list(self.tensors)
-
-    def load_local(self, values: Sequence[Tensor]) -> None:
-        """Set this worker's own values (e.g. when resuming), also while the center is swapped in."""
-        self._check_values(values, "local values")
-        with torch.no_grad():
-            torch._foreach_copy_(self.local_values(), list(values))
-
-    # ------------------------------------------------------------------ state
-
-    def state_dict(self) -> dict[str, object]:
-        """The center (by name, cloned) and the clock: what a resumed run needs besides the workers' own state."""
-        return {
-            "clock": self.clock,
-            "center": {name: value.detach().clone() for name, value in zip(self.names, self._center_views)},
-        }
-
-    def load_state_dict(self, state: Mapping[str, object]) -> None:
-        """Restore :meth:`state_dict`'s output; every rank must load the same state to keep the centers equal."""
-        center = state["center"]
-        if not isinstance(center, Mapping) or set(center) != set(self.names):
-            got = sorted(center) if isinstance(center, Mapping) else type(center).__name__
-            raise ValueError(f"center state has tensors {got}, expected {sorted(self.names)}")
-        values = [center[name] for name in self.names]
-        self._check_values(values, "center state")
-        clock = state["clock"]
-        if isinstance(clock, bool) or not isinstance(clock, int) or clock < 0:
-            raise ValueError(f"clock={clock!r} is invalid: it must be an integer >= 0")
-        with torch.no_grad():
-            torch._foreach_copy_(self._center_views, values)
-        self.clock = clock
-
-    def _check_values(self, values: Sequence[Tensor], what: str) -> None:
-        if len(values) != len(self.tensors):
-            raise ValueError(f"{what}: got {len(values)} tensors, expected {len(self.tensors)}")
-        for name, value, shape in zip(self.names, values, self.layout.shapes):
-            if value.shape != shape:
-                raise ValueError(f"{what}: tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")

@@ -1,0 +1,241 @@
+"""What every EASGD exchange algorithm shares: one worker's tensors, its copy of the center, and evaluation on it.
+
+The synchronous averager keeps a complete replica of the center on every rank; the asynchronous one keeps the
+last snapshot it read from the ranks that own the center's slices. Either way the Lightning adapter swaps that
+copy in for evaluation, reads it for checkpoints and resets diverged workers to it through this one interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lightning_easgd.core.buckets import FlatLayout
+from lightning_easgd.core.hyperparams import validate_alpha, validate_tau
+
+NonFinitePolicy = Literal["raise", "reset"]
+
+
+class NonFiniteWorkerError(RuntimeError):
+    """A worker's weights (so its elastic difference) turned non-finite; the exchange was abandoned."""
+
+
+class ExchangeError(RuntimeError):
+    """The exchange's collective failed or timed out, typically because a peer died or stalled."""
+
+
+@dataclass(frozen=True)
+class ExchangeStats:
+    """How far the workers were from the center at one exchange, measured on d_i before the pull.
+
+    Attributes:
+        step: the worker's clock t at the exchange (optimizer steps taken before it).
+        distances: ``[p]`` float64 tensor, ‖x_i − x̃‖₂ of every rank i.
+        center_norm: ‖x̃‖₂ of the center the differences were taken against.
+        layer_distances: ``[p, n_tensors]`` float64 tensor of per-tensor distances, when requested.
+        extra: further scalars an exchange algorithm reports (e.g. the center's version lag in asynchronous
+            EASGD); monitors log them under their own names.
+    """
+
+    step: int
+    distances: Tensor
+    center_norm: float
+    layer_distances: Tensor | None = None
+    extra: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def relative_distances(self) -> Tensor:
+        """‖x_i − x̃‖₂ / ‖x̃‖₂ for every rank (infinite if the center is exactly zero)."""
+        return self.distances / self.center_norm
+
+
+class ElasticWorker:
+    """One worker's side of EASGD, minus the exchange itself (subclasses implement ``step()``).
+
+    Subclasses set ``self._local_views`` (where the local values wait while the center is swapped in) and, if
+    their copy of the center can go stale, override :meth:`_refresh_center`.
+
+    Args:
+        named_tensors: the tensors that take part in the exchange (parameters and floating-point buffers).
+        tau: communication period in optimizer steps.
+        alpha: moving rate α in (0, 1).
+        bucket_cap_mb: size of the flat buffers the tensors are grouped into.
+        overlap: run the exchange's communication during the local step (True) or before it.
+        on_nonfinite: ``"raise"`` or ``"reset"``: what to do with a worker whose weights turned NaN or inf.
+        timeout: how long to wait for the exchange's communication before raising.
+    """
+
+    def __init__(
+        self,
+        named_tensors: Sequence[tuple[str, Tensor]],
+        *,
+        tau: int,
+        alpha: float,
+        bucket_cap_mb: float,
+        overlap: bool,
+        on_nonfinite: NonFinitePolicy,
+        timeout: timedelta | None,
+    ) -> None:
+        if not named_tensors:
+            raise ValueError("named_tensors is empty: EASGD needs at least one tensor to average")
+        self.names: tuple[str, ...] = tuple(name for name, _ in named_tensors)
+        if len(set(self.names)) != len(self.names):
+            raise ValueError("named_tensors has duplicate names")
+        for name, t in named_tensors:
+            if not t.is_floating_point():
+                raise ValueError(f"tensor {name!r} has dtype {t.dtype}: only floating-point tensors can be averaged")
+        self.tensors: list[Tensor] = [t for _, t in named_tensors]
+        self.tau = validate_tau(tau)
+        self.alpha = validate_alpha(alpha)
+        if not isinstance(overlap, bool):
+            raise ValueError(f"overlap={overlap!r} is invalid: it must be True or False")
+        self.overlap = overlap
+        if on_nonfinite not in ("raise", "reset"):
+            raise ValueError(f"on_nonfinite={on_nonfinite!r} is invalid: choose 'raise' or 'reset'")
+        self.on_nonfinite: NonFinitePolicy = on_nonfinite
+        if timeout is not None and (not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0):
+            raise ValueError(f"timeout={timeout!r} is invalid: it must be a positive datetime.timedelta")
+        self.timeout = timeout
+        self.clock = 0
+        """Optimizer steps this worker has taken; the exchange happens when it is a positive multiple of τ."""
+
+        self.layout = FlatLayout(self.tensors, bucket_cap_mb)
+        self._center = self.layout.allocate()
+        self._center_views = self.layout.views(self._center)
+        with torch.no_grad():
+            torch._foreach_copy_(self._center_views, self.tensors)
+        self._local_views: list[Tensor] = []
+        self._pending: object | None = None  # the exchange in flight during a step
+        self._center_in_use = False
+        self._track: bool | None = None  # None: no statistics; False: totals; True: totals and per tensor
+        self._stats: list[ExchangeStats] = []
+        self._resets: list[tuple[int, tuple[int, ...]]] = []
+
+    @property
+    def exchange_due(self) -> bool:
+        """Whether the next optimizer step starts with an exchange."""
+        return self.clock > 0 and self.clock % self.tau == 0
+
+    def _refresh_center(self, consistent: bool) -> None:
+        """Bring this worker's copy of the center up to date before it is read; ``consistent`` asks for a copy all
+        ranks agree on (collective where the center lives elsewhere). The replicated center is always current."""
+
+    # ------------------------------------------------------------------ statistics and resets
+
+    def track_distances(self, per_tensor: bool = False) -> None:
+        """Record :class:`ExchangeStats` at every exchange from now on (per tensor too with ``per_tensor``)."""
+        self._track = bool(per_tensor) or bool(self._track)
+
+    def pop_stats(self) -> list[ExchangeStats]:
+        """Statistics of the exchanges since the last call, oldest first."""
+        stats, self._stats = self._stats, []
+        return stats
+
+    def pop_resets(self) -> list[tuple[int, tuple[int, ...]]]:
+        """``(step, ranks)`` of the exchanges since the last call that reset diverged workers to the center
+        (``on_nonfinite="reset"``); a reset worker's optimizer state is the caller's to clear."""
+        resets, self._resets = self._resets, []
+        return resets
+
+    # ------------------------------------------------------------------ center and local weights
+
+    @property
+    def center_in_use(self) -> bool:
+        """Whether the tensors currently hold the center (between :meth:`use_center` and :meth:`restore_local`)."""
+        return self._center_in_use
+
+    def use_center(self) -> None:
+        """Put the center into the tensors (for evaluation), keeping the local values aside; every rank gets the
+        same center (collective where the center lives elsewhere)."""
+        if self._center_in_use:
+            raise RuntimeError("the center weights are already swapped in")
+        if self._pending is not None:
+            raise RuntimeError("cannot swap in the center during an optimizer step")
+        self._refresh_center(consistent=True)
+        with torch.no_grad():
+            torch._foreach_copy_(self._local_views, self.tensors)
+            torch._foreach_copy_(self.tensors, self._center_views)
+        self._center_in_use = True
+
+    def restore_local(self) -> None:
+        """Undo :meth:`use_center`: the tensors get back exactly the local values they had."""
+        if not self._center_in_use:
+            raise RuntimeError("the center weights are not swapped in")
+        with torch.no_grad():
+            torch._foreach_copy_(self.tensors, self._local_views)
+        self._center_in_use = False
+
+    @contextmanager
+    def center_weights(self) -> Iterator[None]:
+        """Run a block with the center's values in the tensors; local values come back afterwards."""
+        self.use_center()
+        try:
+            yield
+        finally:
+            self.restore_local()
+
+    def adopt_center(self) -> None:
+        """Make the center this worker's weights for good (end of training): the local values are dropped."""
+        if self._center_in_use:
+            self._center_in_use = False
+            return
+        self._refresh_center(consistent=True)
+        with torch.no_grad():
+            torch._foreach_copy_(self.tensors, self._center_views)
+
+    def center_values(self) -> list[Tensor]:
+        """The center, one view per tensor (read-only by convention; clone before keeping them)."""
+        if not self._center_in_use:
+            self._refresh_center(consistent=False)
+        return list(self._center_views)
+
+    def local_values(self) -> list[Tensor]:
+        """This worker's own values, one per tensor, also while the center is swapped in."""
+        return list(self._local_views) if self._center_in_use else list(self.tensors)
+
+    def load_local(self, values: Sequence[Tensor]) -> None:
+        """Set this worker's own values (e.g. when resuming), also while the center is swapped in."""
+        self._check_values(values, "local values")
+        with torch.no_grad():
+            torch._foreach_copy_(self.local_values(), list(values))
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, object]:
+        """The center (by name, cloned) and the clock: what a resumed run needs besides the workers' own state."""
+        return {
+            "clock": self.clock,
+            "center": {name: value.detach().clone() for name, value in zip(self.names, self.center_values())},
+        }
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """Restore :meth:`state_dict`'s output; every rank must load the same state to keep the center whole."""
+        center = state["center"]
+        if not isinstance(center, Mapping) or set(center) != set(self.names):
+            got = sorted(center) if isinstance(center, Mapping) else type(center).__name__
+            raise ValueError(f"center state has tensors {got}, expected {sorted(self.names)}")
+        values = [center[name] for name in self.names]
+        self._check_values(values, "center state")
+        clock = state["clock"]
+        if isinstance(clock, bool) or not isinstance(clock, int) or clock < 0:
+            raise ValueError(f"clock={clock!r} is invalid: it must be an integer >= 0")
+        self._store_center(values)
+        self.clock = clock
+
+    def _store_center(self, values: list[Tensor]) -> None:
+        """Overwrite the center with ``values`` (already checked)."""
+        with torch.no_grad():
+            torch._foreach_copy_(self._center_views, values)
+
+    def _check_values(self, values: Sequence[Tensor], what: str) -> None:
+        if len(values) != len(self.tensors):
+            raise ValueError(f"{what}: got {len(values)} tensors, expected {len(self.tensors)}")
+        for name, value, shape in zip(self.names, values, self.layout.shapes):
+            if value.shape != shape:
+                raise ValueError(f"{what}: tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
