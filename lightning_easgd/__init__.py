@@ -1,17 +1,29 @@
 """Elastic Averaging SGD (Zhang, Choromanska & LeCun, NIPS 2015) for PyTorch Lightning.
 
-Importing the package registers the strategy names ``easgd`` (popen launcher), ``easgd_spawn`` and ``easgd_fork``
-with Lightning's strategy registry, so ``Trainer(strategy="easgd")`` works after ``import lightning_easgd``.
+Importing the package registers the strategy names ``easgd`` (popen launcher), ``easgd_spawn`` and ``easgd_fork``,
+and for asynchronous EASGD ``easgd_async``, ``easgd_async_spawn`` and ``easgd_async_fork``, with Lightning's
+strategy registry, so ``Trainer(strategy="easgd")`` works after ``import lightning_easgd``.
 """
 
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_easgd.async_strategy import AsyncEASGDStrategy
 from lightning_easgd.callbacks import ElasticDistanceMonitor
 from lightning_easgd.core import ElasticAverager, ExchangeStats
+from lightning_easgd.core.async_averager import AsyncElasticAverager
 from lightning_easgd.strategy import EASGDStrategy
 
 __version__ = "0.1.0"
 
 EASGDStrategy.register_strategies(StrategyRegistry)
+AsyncEASGDStrategy.register_strategies(StrategyRegistry)
 
-__all__ = ["EASGDStrategy", "ElasticAverager", "ElasticDistanceMonitor", "ExchangeStats", "__version__"]
+__all__ = [
+    "AsyncEASGDStrategy",
+    "AsyncElasticAverager",
+    "EASGDStrategy",
+    "ElasticAverager",
+    "ElasticDistanceMonitor",
+    "ExchangeStats",
+    "__version__",
+]

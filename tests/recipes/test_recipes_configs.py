@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from recipe_helpers import CONF_DIR, experiments, group_options
 
 from lightning_easgd import EASGDStrategy, ElasticDistanceMonitor
+from lightning_easgd.async_strategy import AsyncEASGDStrategy
 from lightning_easgd.classifier import ImageClassifier, LRSchedulerSpec
 from lightning_easgd.schedulers import DivideOnPlateau
 from lightning_easgd.train import train
@@ -186,6 +187,8 @@ def test_every_option_of_the_training_side_groups_instantiates(
     expected = {
         "easgd": EASGDStrategy,
         "eamsgd": EASGDStrategy,
+        "easgd_async": AsyncEASGDStrategy,
+        "eamsgd_async": AsyncEASGDStrategy,
         "ddp": DDPStrategy,
         "msgd": SingleDeviceStrategy,
     }

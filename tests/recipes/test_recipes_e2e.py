@@ -74,6 +74,14 @@ def test_imagenet_recipe_on_synthetic_data(tmp_path: Path) -> None:
     assert any(r.get("lr-SGD") for r in rows)  # the divide-on-plateau scheduler is stepped and monitored
 
 
+def test_cifar10_recipe_with_asynchronous_eamsgd(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = ["data=synthetic", "strategy=eamsgd_async", *FAST, f"hydra.run.dir={run_dir}"]
+    result = run_recipe("cifar10", args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    _check_run(run_dir, result.stdout)
+
+
 @needs_cifar10
 def test_cifar10_recipe_on_the_shared_copy(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
