@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +10,7 @@ import hydra.utils
 import lightning as L
 import pytest
 import torch
+from bounded import run_bounded
 from conftest import SEED, assert_close, fit_fork, loaders
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.strategies import StrategyRegistry
@@ -122,22 +120,8 @@ def test_spawn_user_module_holds_center(tmp_path: Path) -> None:
     assert_close(module.state_dict(), expected.center, 1e-10, "user's module after spawn fit")
 
 
-def _run_script(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
-    """Run a script in its own process group and kill the whole group if it hangs."""
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{args} hung for {timeout}s:\n{out[-3000:]}")
-    return subprocess.CompletedProcess(args, proc.returncode, out, "")
-
-
 def test_popen_registered_name_user_module_holds_center(tmp_path: Path) -> None:
-    result = _run_script(["tests/scripts/popen_fit.py", str(tmp_path)], timeout=240)
+    result = run_bounded([sys.executable, "tests/scripts/popen_fit.py", str(tmp_path)], cwd=REPO, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:]
     saved = torch.load(tmp_path / "popen.pt", weights_only=True)
     init = ToyRegressor()

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from bounded import Finished, run_bounded
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = "tests/async/scripts/async_fit.py"
@@ -30,21 +30,13 @@ def _session_members(sid: int) -> list[int]:
     return members
 
 
-def _run(tmp_path: Path, mode: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "NODE_RANK")}
-    proc = subprocess.Popen([sys.executable, SCRIPT, str(tmp_path), mode], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{mode}: the run hung for {timeout}s:\n{out[-3000:]}")
-    leftover = _session_members(proc.pid)
+def _run(tmp_path: Path, mode: str, timeout: float = 120) -> Finished:
+    result = run_bounded([sys.executable, SCRIPT, str(tmp_path), mode], cwd=REPO, timeout=timeout)
+    leftover = _session_members(result.pid)
     if leftover:
-        os.killpg(proc.pid, signal.SIGKILL)
-    assert not leftover, f"{mode}: processes {leftover} outlived the run:\n{out[-3000:]}"
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+        os.killpg(result.pid, signal.SIGKILL)
+    assert not leftover, f"{mode}: processes {leftover} outlived the run:\n{result.stdout[-3000:]}"
+    return result
 
 
 def test_fit_end_registered_name(tmp_path: Path) -> None:

@@ -6,13 +6,12 @@ The recipe resumes on its own (``ckpt_path=auto``) from its run directory's ``la
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from bounded import run_bounded
 from recipe_helpers import FAST, REPO, clean_env
 
 RECIPE = str(REPO / "recipes" / "cifar10.py")
@@ -23,16 +22,9 @@ def _torchrun(workers: int, args: list[str], cwd: Path, max_restarts: int = 0, t
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env["PYTHONPATH"]])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
                f"--max-restarts={max_restarts}", RECIPE, *args]
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"torchrun timed out after {timeout}s:\n{output[-4000:]}")
-    assert process.returncode == 0, output[-4000:]
-    return output
+    result = run_bounded(command, cwd=cwd, env=env, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-4000:]
+    return result.stdout
 
 
 def _args(run_dir: Path, workers: int, epochs: int) -> list[str]:
