@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
 import time
+
+
+def check_run_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse counts below 1 and periods that do not divide the timed window (it must hold whole periods)."""
+    for name in ("processes", "steps", "warmup", "batch_size", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid: it must be >= 1")
+    if any(t < 1 or args.steps % t for t in args.taus):
+        parser.error(f"--taus {args.taus} is invalid for --steps {args.steps}: every tau must be >= 1 and divide the "
+                     "number of timed steps, so that each window holds whole communication periods")
 
 
 def run_all(commands: list[list[str]], env: dict[str, str], timeout: float) -> None:

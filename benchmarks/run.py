@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.procs import run_all
+from benchmarks.procs import check_run_arguments, run_all
 
 
 def _worker_command(method: str, args: argparse.Namespace, result: Path, interface: str, nodes: int) -> list[str]:
@@ -194,12 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.suite is None:
         parser.error("--suite is required: choose comm or overhead")
-    for name in ("processes", "steps", "warmup", "batch_size", "rounds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid: it must be >= 1")
-    if any(t < 1 or args.steps % t for t in args.taus):
-        parser.error(f"--taus {args.taus} is invalid for --steps {args.steps}: every tau must be >= 1 and divide "
-                     "the number of timed steps")
+    check_run_arguments(parser, args)
     if any(r < 0 for r in args.rates):
         parser.error(f"--rates {args.rates} is invalid: rates are Mbit/s >= 0 (0: unshaped)")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.procs import run_all
+from benchmarks.procs import check_run_arguments, run_all
 
 NETNS_FLAG = "EASGD_BENCH_NETNS"
 
@@ -88,12 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name in ("processes", "steps", "warmup", "batch_size", "rounds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid: it must be >= 1")
-    if any(t < 1 or args.steps % t for t in args.taus):
-        parser.error(f"--taus {args.taus} is invalid for --steps {args.steps}: every tau must be >= 1 and divide the "
-                     "number of timed steps, so that each window holds whole communication periods")
+    check_run_arguments(parser, args)
     if args.one:
         from benchmarks.workload import train
 
