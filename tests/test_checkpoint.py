@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from conftest import SEED, assert_close, fit_fork
 from lightning.pytorch.callbacks import ModelCheckpoint
 from toy import ToyRegressor, make_dataset, replay_easgd, twins
 
-from lightning_easgd import EASGDStrategy
+from lightning_easgd import AsyncEASGDStrategy, EASGDStrategy
 
 
 def _checkpointing(tmp_path: Path) -> ModelCheckpoint:
@@ -45,8 +46,17 @@ def _resume_model() -> ToyRegressor:
     return ToyRegressor(lr=0.05, momentum=0.9, nesterov=True, dropout=0.2, dtype="float32")
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path: Path) -> None:
+_RESUMABLE: dict[str, Callable[[], EASGDStrategy]] = {
+    "sync": lambda: EASGDStrategy(tau=2, start_method="fork"),
+    # Free-running asynchronous exchanges are not reproducible; round-robin order makes both runs deterministic.
+    "async_round_robin": lambda: AsyncEASGDStrategy(tau=2, order="round_robin", start_method="fork"),
+}
+
+
+@pytest.mark.parametrize("kind", list(_RESUMABLE))
+def test_resume_reproduces_uninterrupted_run(tmp_path: Path, kind: str) -> None:
     """Train 2 epochs == train 1 epoch, resume, train 1 more (dropout, momentum and float32 included)."""
+    strategy = _RESUMABLE[kind]
     dataset = make_dataset(48, dtype=torch.float32)
     torch.manual_seed(11)
     init = _resume_model().state_dict()
@@ -54,16 +64,16 @@ def test_resume_reproduces_uninterrupted_run(tmp_path: Path) -> None:
     straight = _resume_model()
     straight.load_state_dict(init)
     _, full = fit_fork(straight, dataset, tmp_path / "full", p=2, epochs=2, batch_size=4,
-                       strategy=EASGDStrategy(tau=2, start_method="fork"))
+                       strategy=strategy())
 
     first = _resume_model()
     first.load_state_dict(init)
     fit_fork(first, dataset, tmp_path / "first", p=2, epochs=1, batch_size=4, enable_checkpointing=True,
-             callbacks=[_checkpointing(tmp_path / "first")], strategy=EASGDStrategy(tau=2, start_method="fork"))
+             callbacks=[_checkpointing(tmp_path / "first")], strategy=strategy())
     resumed = _resume_model()  # fresh weights: everything must come from the checkpoint
     _, second = fit_fork(resumed, dataset, tmp_path / "second", p=2, epochs=2, batch_size=4,
                          ckpt_path=str(tmp_path / "first" / "ckpt" / "last.ckpt"),
-                         strategy=EASGDStrategy(tau=2, start_method="fork"))
+                         strategy=strategy())
 
     for rank in range(2):
         assert_close(second[rank]["local"], full[rank]["local"], 1e-6, f"worker {rank} after resume")

@@ -168,7 +168,7 @@ class Replay:
     workers: list[dict[str, Tensor]]
     epoch_centers: list[dict[str, Tensor]] = field(default_factory=list)
     epoch_workers: list[list[dict[str, Tensor]]] = field(default_factory=list)
-    exchanges: list[dict[str, Any]] = field(default_factory=list)  # per exchange: step, distances, center norm
+    exchanges: list[dict[str, Any]] = field(default_factory=list)  # per exchange: step, distances, norms, ...
 
 
 def replay_easgd(

@@ -9,28 +9,17 @@ gradient step is taken at x, after which x_i ← x_i − α·(x − x̃). Algori
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
-from toy import ToyRegressor, rank_batches
-
-
-@dataclass
-class AsyncReplay:
-    center: dict[str, Tensor]
-    workers: list[dict[str, Tensor]]
-    epoch_centers: list[dict[str, Tensor]] = field(default_factory=list)
-    epoch_workers: list[list[dict[str, Tensor]]] = field(default_factory=list)
-    exchanges: list[dict[str, Any]] = field(default_factory=list)  # per exchange: step, rank, distance, center norm
+from toy import Replay, ToyRegressor, rank_batches
 
 
 def replay_async_easgd(
     module: ToyRegressor, dataset: TensorDataset, *, p: int, tau: int, alpha: float, epochs: int, batch_size: int,
     seed: int,
-) -> AsyncReplay:
+) -> Replay:
     workers = [copy.deepcopy(module) for _ in range(p)]
     for w in workers:
         w.train()
@@ -38,7 +27,7 @@ def replay_async_easgd(
     states = [w.state_dict() for w in workers]
     floats = [k for k, v in states[0].items() if v.is_floating_point()]
     center = {k: states[0][k].clone() for k in floats}
-    result = AsyncReplay(center=center, workers=[])
+    result = Replay(center=center, workers=[])
     t = 0
     for epoch in range(epochs):
         per_rank = [rank_batches(dataset, p, r, epoch, batch_size, seed) for r in range(p)]
