@@ -205,7 +205,7 @@ class ElasticAverager(ElasticWorker):
         return stats, float(center_sq.sqrt())
 
     def _record_stats(self, stats: Tensor, center_norm: float) -> None:
-        stats = stats.cpu()
+        """Record the all-reduced statistics vector (already on the CPU: `_end` read the divergence flags from it)."""
         p = self.world_size
         layers = stats[p:].view(p, -1) if self._track else None
         self._stats.append(ExchangeStats(self.clock, stats[:p].clone(), center_norm, layers))
