@@ -28,6 +28,12 @@ def _averager(tau: int = 2) -> tuple[torch.nn.Linear, ElasticAverager]:
     return lin, ElasticAverager(list(lin.named_parameters()), tau=tau, alpha=0.5)
 
 
+def test_exchange_buffers_are_the_center_and_the_difference_in_one_process() -> None:
+    _, avg = _averager()
+    assert avg.bytes_per_exchange == 4 * (6 + 2)
+    assert avg.buffer_bytes == 2 * avg.bytes_per_exchange  # no separate all-reduce buffer without peers
+
+
 def test_center_swap_is_exact_and_keeps_parameters() -> None:
     lin, avg = _averager()
     with torch.no_grad():

@@ -99,6 +99,12 @@ class ElasticAverager(ElasticWorker):
         """Bytes each rank contributes to one exchange's all-reduce (parameters and float buffers)."""
         return self.layout.nbytes
 
+    @property
+    def buffer_bytes(self) -> int:
+        """Memory the exchange holds besides the model: the center, d_i and, with p > 1, the all-reduce's sum."""
+        unique = {id(t): t for t in (*self._center, *self._diff, *self._sum)}
+        return sum(t.numel() * t.element_size() for t in unique.values())
+
     @contextmanager
     def step(self) -> Iterator[None]:
         """Wrap one local optimizer step: ``with averager.step(): optimizer.step(closure)``.
