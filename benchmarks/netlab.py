@@ -27,9 +27,19 @@ class Host:
     interface: str
     address: str
 
-    def command(self, argv: list[str]) -> list[str]:
-        """``argv`` run inside this host's namespace."""
-        return ["ip", "netns", "exec", self.namespace, *argv]
+    def command(self, argv: list[str], env: dict[str, str] | None = None) -> list[str]:
+        """``argv`` run inside this host's namespace, with ``env`` added to the environment it inherits."""
+        extra = [f"{key}={value}" for key, value in (env or {}).items()]
+        return ["ip", "netns", "exec", self.namespace, *(["env", *extra] if extra else []), *argv]
+
+    def tx_bytes(self) -> int:
+        """Bytes this host's interface has sent so far (read from inside its namespace)."""
+        table = subprocess.run(self.command(["cat", "/proc/net/dev"]), check=True, capture_output=True,
+                               text=True).stdout
+        sent = _tx_bytes(table, self.interface)
+        if sent is None:
+            raise RuntimeError(f"interface {self.interface} not found in namespace {self.namespace}")
+        return sent
 
 
 def available() -> str | None:
@@ -88,14 +98,18 @@ def private_network(hosts: int, rate_mbit: float | None) -> Iterator[list[Host]]
         yield result
     finally:
         for namespace in reversed(created):
-            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+            subprocess.run(["ip", "netns", "del", namespace], check=False, capture_output=True)
+
+
+def _tx_bytes(table: str, interface: str) -> int | None:
+    for line in table.splitlines():
+        name, _, data = line.partition(":")
+        if name.strip() == interface:
+            return int(data.split()[8])
+    return None
 
 
 def interface_tx_bytes(interface: str) -> int | None:
     """Bytes sent so far on ``interface`` of the current namespace."""
     with open("/proc/net/dev") as f:
-        for line in f:
-            name, _, data = line.partition(":")
-            if name.strip() == interface:
-                return int(data.split()[8])
-    return None
+        return _tx_bytes(f.read(), interface)

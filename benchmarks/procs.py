@@ -7,6 +7,10 @@ import os
 import signal
 import subprocess
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from benchmarks.netlab import Host
 
 
 def check_run_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -39,3 +43,18 @@ def run_all(commands: list[list[str]], env: dict[str, str], timeout: float) -> N
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def launch_env(hosts: list[Host], port: int, processes: int) -> dict[str, str]:
+    """The environment every worker of a multi-"node" launch shares: rendezvous on the first host, one thread
+    per worker's share of the cores, quiet warnings."""
+    return {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes)),
+            "PYTHONWARNINGS": "ignore", "MASTER_ADDR": hosts[0].address, "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(processes)}
+
+
+def node_env(rank: int, host: Host) -> dict[str, str]:
+    """What one worker needs on top of :func:`launch_env`: its node rank, and its own interface for gloo and
+    TensorPipe (they would otherwise pick the address the hostname resolves to: the loopback)."""
+    return {"NODE_RANK": str(rank), "LOCAL_RANK": "0", "GLOO_SOCKET_IFNAME": host.interface,
+            "TP_SOCKET_IFNAME": host.interface}

@@ -1,6 +1,7 @@
 """EASGD against the peers, measured side by side in one run.
 
     python -m benchmarks.run --suite comm        # bandwidth-limited private network (root, iproute2)
+    python -m benchmarks.run --suite accuracy    # CIFAR-10, p = 4: center test error against wall clock
     python -m benchmarks.run --suite overhead    # one process: EASGD's own cost against plain Lightning
 
 ``comm``: every worker runs in its own network namespace behind a link shaped with ``tc`` (tbf) to each
@@ -10,8 +11,16 @@ communicate, and the bytes each worker's interface sent per optimizer step (coun
 counter). Methods: none, ddp (gradient all-reduce every step), average:τ (local SGD, periodic averaging), easgd:τ,
 and with ``--with-async`` easgd_async:τ. Writes ``comm.csv`` and ``comm.png`` under ``--out``.
 
+``accuracy``: each method of ``--methods`` trained by the CIFAR-10 recipe on the real data, its workers in the same
+private network; the center's test error after ``--epochs`` and at a wall-clock budget, the bytes each worker sent,
+and the paper's claims checked (see ``benchmarks/accuracy.py``). Writes ``accuracy.csv``, ``accuracy_curves.csv``
+and ``accuracy.png``.
+
 ``overhead``: one process, EASGDStrategy(tau=1) against Lightning's default single-device training (the strategy's
-own per-step cost, with no communication), plus the memory the center and exchange buffers take.
+own per-step cost, with no communication), plus the memory the center and exchange buffers take. Writes
+``overhead.csv``.
+
+Options a suite does not read are refused, not ignored.
 """
 
 from __future__ import annotations
@@ -20,11 +29,13 @@ import argparse
 import csv
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.procs import check_run_arguments, run_all
+from benchmarks import accuracy
+from benchmarks.procs import check_run_arguments, launch_env, node_env, run_all
 
 
 def _worker_command(method: str, args: argparse.Namespace, result: Path, interface: str, nodes: int) -> list[str]:
@@ -52,13 +63,11 @@ def _comm(args: argparse.Namespace) -> list[dict[str, Any]]:
                     for rank, host in enumerate(hosts):
                         result = tmp / f"{rate}_{method.replace(':', '_')}_{round_}_{rank}.json"
                         nodes = 1 if method == "none" else args.processes
-                        commands.append(host.command(_worker_command(method, args, result, host.interface, nodes)))
+                        rank_env = {} if method == "none" else node_env(rank, host)
+                        commands.append(host.command(_worker_command(method, args, result, host.interface, nodes),
+                                                     rank_env))
                         results.append(result)
-                    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.processes)),
-                           "PYTHONWARNINGS": "ignore", "MASTER_ADDR": hosts[0].address, "MASTER_PORT": str(port),
-                           "WORLD_SIZE": str(args.processes)}
-                    run_all([_with_rank(cmd, rank, method, host.interface)
-                             for rank, (cmd, host) in enumerate(zip(commands, hosts))], env, args.timeout)
+                    run_all(commands, launch_env(hosts, port, args.processes), args.timeout)
                     runs = [json.loads(r.read_text()) for r in results]
                     rows.append({
                         "rate_mbit": rate or "unshaped",
@@ -67,20 +76,12 @@ def _comm(args: argparse.Namespace) -> list[dict[str, Any]]:
                         "seconds_per_step": sum(r["seconds_per_step"] for r in runs) / len(runs),
                         "wire_bytes_per_step_per_worker": sum(r["tx_bytes_per_step"] for r in runs) / len(runs),
                         "payload_bytes_per_step": runs[0]["payload_bytes_per_step"],
+                        "exchange_buffer_bytes": runs[0]["exchange_buffer_bytes"],
                         "parameters": runs[0]["parameters"],
                     })
                     print(f"{rate or 'unshaped'} Mbit/s round {round_ + 1} {method}: "
                           f"{1000 * rows[-1]['seconds_per_step']:.0f} ms/step", file=sys.stderr)
     return rows
-
-
-def _with_rank(command: list[str], rank: int, method: str, interface: str) -> list[str]:
-    # `ip netns exec` keeps the environment; each worker's own rank and interface go in front of the python
-    # command (gloo and TensorPipe would otherwise pick the address the hostname resolves to: the loopback).
-    split = command.index(sys.executable)
-    extra = [] if method == "none" else [f"NODE_RANK={rank}", "LOCAL_RANK=0", f"GLOO_SOCKET_IFNAME={interface}",
-                                         f"TP_SOCKET_IFNAME={interface}"]
-    return [*command[:split], "env", *extra, *command[split:]]
 
 
 def _median_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -100,16 +101,17 @@ def _median_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    lines = [f"{args.processes} workers, one per network namespace, paper CIFAR-10 net ({rows[0]['parameters']:,} "
+    title = (f"{args.processes} workers, one per network namespace, paper CIFAR-10 net ({rows[0]['parameters']:,} "
              f"parameters), batch {args.batch_size}, {args.steps} timed steps after {args.warmup}, median of "
-             f"{args.rounds} rounds",
-             f"{'link':>9} {'method':<15} {'ms/step':>8} {'img/s/worker':>12} {'vs none':>8} "
-             f"{'wire B/step/worker':>19} {'DDP/this bytes':>15}"]
+             f"{args.rounds} rounds")
+    header = (f"{'link':>9} {'method':<15} {'ms/step':>8} {'img/s/worker':>12} {'vs none':>8} "
+              f"{'wire B/step/worker':>19} {'DDP/this bytes':>15}")
+    lines = [title, header]
     for r in rows:
         ratio = "-" if r["ddp_bytes_over_these"] is None or r["method"] in ("none", "ddp") else (
             f"{r['ddp_bytes_over_these']:.2f}")
         seconds = r["seconds_per_step"]
-        lines.append(f"{str(r['rate_mbit']):>9} {r['method']:<15} {1000 * seconds:>8.1f} "
+        lines.append(f"{r['rate_mbit']!s:>9} {r['method']:<15} {1000 * seconds:>8.1f} "
                      f"{args.batch_size / seconds:>12.0f} {r['throughput_vs_none']:>8.3f} "
                      f"{r['wire_bytes_per_step_per_worker']:>19,.0f} {ratio:>15}")
     return "\n".join(lines)
@@ -142,6 +144,31 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _accuracy(args: argparse.Namespace) -> list[accuracy.Result]:
+    from benchmarks.netlab import private_network
+
+    results: list[accuracy.Result] = []
+    port = 29700
+    for index, rate in enumerate(args.rates):
+        label = f"{rate:g}" if rate else "unshaped"
+        # A single worker never communicates: its curve does not depend on the link, so it runs once.
+        methods = [m for m in args.methods if m.communicates or index == 0]
+        with private_network(args.processes, rate or None) as hosts:
+            for method in methods:
+                port += 1
+                run_dir = args.out / "accuracy_runs" / f"{label}_{method.label.replace(':', '_')}"
+                link = f"{label} Mbit/s" if rate else "unshaped link"
+                print(f"{link}, {method.label}: training {args.epochs} epochs ({run_dir})", file=sys.stderr)
+                result = accuracy.train_one(
+                    method, hosts, rate=label, port=port, processes=args.processes, epochs=args.epochs,
+                    run_dir=run_dir, timeout=args.timeout, evals_per_epoch=args.evals_per_epoch,
+                    batch_size=args.batch_size, data_dir=args.data_dir, extra=args.override)
+                results.append(result)
+                print(f"  test error {result.test_error:.2f}% after {result.curve.train_s[-1]:.0f} s of training",
+                      file=sys.stderr)
+    return results
+
+
 def _overhead(args: argparse.Namespace) -> list[dict[str, Any]]:
     tmp = args.out / "overhead_runs"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -149,38 +176,110 @@ def _overhead(args: argparse.Namespace) -> list[dict[str, Any]]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     # easgd:1 does the elastic arithmetic at every step; easgd:64 shows the strategy's own per-step cost.
     measured: dict[str, list[float]] = {"none": [], "easgd:1": [], "easgd:64": []}
+    buffers: dict[str, int] = {}
     for round_ in range(args.rounds):
         for method in list(measured) if round_ % 2 == 0 else list(measured)[::-1]:
             result = tmp / f"{method.replace(':', '_')}_{round_}.json"
             run_all([_worker_command(method, args, result, "lo", 1)], env, args.timeout)
-            measured[method].append(json.loads(result.read_text())["seconds_per_step"])
-    from lightning_easgd.models import PaperCIFAR10Net
-
-    model_bytes = sum(p.numel() * p.element_size() for p in PaperCIFAR10Net().parameters())
+            # The median step of the window: one step slowed by another process on the shared machine moves the
+            # mean of 64 steps by more than the 2 % being resolved, the median hardly.
+            run = json.loads(result.read_text())
+            measured[method].append(run["median_step_seconds"])
+            buffers[method] = run["exchange_buffer_bytes"] or 0
     medians = {m: sorted(v)[len(v) // 2] for m, v in measured.items()}
-    # One worker keeps the center and d_i (two copies); with p > 1 a third buffer holds the all-reduce.
-    rows = [{"method": m, "seconds_per_step": t, "relative": t / medians["none"],
-             "extra_memory_bytes": 0 if m == "none" else 2 * model_bytes} for m, t in medians.items()]
-    print(f"one process, paper CIFAR-10 net, batch {args.batch_size}, median of {args.rounds} rounds")
+    rows = [{"method": m, "seconds_per_step": t, "relative": t / medians["none"], "extra_memory_bytes": buffers[m]}
+            for m, t in medians.items()]
+    print(f"one process, paper CIFAR-10 net, batch {args.batch_size}, median step time, median of {args.rounds} "
+          "rounds")
     for r in rows:
-        print(f"{r['method']:<9} {1000 * r['seconds_per_step']:8.1f} ms/step  x{r['relative']:.3f}  extra memory "
-              f"{r['extra_memory_bytes'] / 2**20:.2f} MiB (p > 1: {3 * model_bytes / 2**20:.2f} MiB)")
+        # Measured on the averager: the center and d_i; with p > 1 one more copy holds the all-reduce's sum.
+        print(f"{r['method']:<9} {1000 * r['seconds_per_step']:8.1f} ms/step  x{r['relative']:.3f}  exchange buffers "
+              f"{r['extra_memory_bytes'] / 2**20:.2f} MiB")
     return rows
+
+
+# Options that only one suite reads; giving one to another suite is refused rather than ignored.
+_SUITE_OPTIONS = {
+    "comm": ("rates", "taus", "steps", "warmup", "rounds", "with_async"),
+    "overhead": ("steps", "warmup", "rounds"),
+    "accuracy": ("rates", "methods", "epochs", "evals_per_epoch", "budget_seconds", "data_dir", "override"),
+}
+_DEFAULTS: dict[str, Any] = {
+    "taus": [1, 4, 16, 64], "steps": 64, "warmup": 8, "rounds": 1, "with_async": False,
+    "methods": list(accuracy.DEFAULT_METHODS), "epochs": 8, "evals_per_epoch": 4, "budget_seconds": None,
+    "data_dir": accuracy.REPOSITORY.parent / "shared" / "data" / "cifar10", "override": [],
+}
+_PROCESSES = {"comm": 2, "overhead": 1, "accuracy": 4}
+_TIMEOUT = {"comm": 900.0, "overhead": 900.0, "accuracy": 7200.0}
+
+
+def _resolve_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse options the chosen suite does not read, then fill in each suite's defaults."""
+    foreign = [name for suite, names in _SUITE_OPTIONS.items() if suite != args.suite for name in names
+               if name not in _SUITE_OPTIONS[args.suite] and getattr(args, name) is not None]
+    if foreign:
+        flags = ", ".join(sorted({"--" + name.replace("_", "-") for name in foreign}))
+        parser.error(f"{flags} do not apply to --suite {args.suite}; its options are: "
+                     f"{', '.join('--' + n.replace('_', '-') for n in _SUITE_OPTIONS[args.suite])}")
+    for name, value in _DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.rates is None:
+        args.rates = [0, 100] if args.suite == "accuracy" else [1000, 100]
+    if args.timeout is not None and args.timeout <= 0:
+        parser.error(f"--timeout={args.timeout} is invalid: it must be > 0 seconds")
+    if args.suite == "overhead" and args.processes not in (None, 1):
+        parser.error(f"--processes {args.processes} is invalid for --suite overhead: it measures one process")
+    args.processes = args.processes or _PROCESSES[args.suite]
+    args.timeout = args.timeout or _TIMEOUT[args.suite]
+    check_run_arguments(parser, args)
+    if any(r < 0 for r in args.rates):
+        parser.error(f"--rates {args.rates} is invalid: rates are Mbit/s >= 0 (0: unshaped)")
+    if args.suite == "accuracy":
+        try:
+            args.methods = [accuracy.Method.parse(m) for m in args.methods]
+        except ValueError as error:
+            parser.error(f"--methods: {error}")
+        for name in ("epochs", "evals_per_epoch"):
+            if getattr(args, name) < 1:
+                parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid: it must be >= 1")
+        if args.budget_seconds is not None and args.budget_seconds <= 0:
+            parser.error(f"--budget-seconds={args.budget_seconds} is invalid: it must be > 0")
+        if not (args.data_dir / "cifar-10-batches-py").is_dir():
+            parser.error(f"--data-dir {args.data_dir} is invalid: it must hold cifar-10-batches-py/ "
+                         "(e.g. ../shared/data/cifar10)")
+        args.data_dir = args.data_dir.resolve()
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["comm", "overhead"], help="which measurement to run")
-    parser.add_argument("--processes", type=int, default=2, help="workers (p), one namespace each")
-    parser.add_argument("--rates", type=float, nargs="+", default=[1000, 100], help="link rates, Mbit/s (0: none)")
-    parser.add_argument("--taus", type=int, nargs="+", default=[1, 4, 16, 64], help="communication periods")
-    parser.add_argument("--steps", type=int, default=64, help="timed optimizer steps per run")
-    parser.add_argument("--warmup", type=int, default=8, help="untimed optimizer steps first")
+    parser.add_argument("--suite", choices=list(_SUITE_OPTIONS), help="which measurement to run")
+    parser.add_argument("--processes", type=int, help="workers p, one namespace each (comm: 2, accuracy: 4)")
+    parser.add_argument("--rates", type=float, nargs="+",
+                        help="link rates, Mbit/s, 0: unshaped (comm: 1000 100; accuracy: 0 100)")
     parser.add_argument("--batch-size", type=int, default=128, help="per worker (the paper's value)")
-    parser.add_argument("--rounds", type=int, default=1, help="repetitions; tables show each median")
-    parser.add_argument("--with-async", action="store_true", help="also measure the asynchronous strategy")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds before a hung run is killed")
+    parser.add_argument("--timeout", type=float, help="seconds before a hung run is killed (accuracy: 7200)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="CSV and PNG go here")
+    comm = parser.add_argument_group("comm and overhead")
+    comm.add_argument("--taus", type=int, nargs="+", help="communication periods (comm; default 1 4 16 64)")
+    comm.add_argument("--steps", type=int, help="timed optimizer steps per run (default 64)")
+    comm.add_argument("--warmup", type=int, help="untimed optimizer steps first (default 8)")
+    comm.add_argument("--rounds", type=int, help="repetitions; tables show each median (default 1)")
+    comm.add_argument("--with-async", action="store_true", default=None, help="also the asynchronous strategy")
+    acc = parser.add_argument_group("accuracy")
+    acc.add_argument("--methods", nargs="+", help=f"default: {' '.join(accuracy.DEFAULT_METHODS)}")
+    acc.add_argument("--epochs", type=int, help="epoch budget (default 8)")
+    acc.add_argument("--evals-per-epoch", type=int, help="center evaluations on the test split per epoch (4)")
+    acc.add_argument("--budget-seconds", type=float, help="wall-clock budget (default: the shortest run's time)")
+    acc.add_argument("--data-dir", type=Path, help="holds cifar-10-batches-py/ (default ../shared/data/cifar10)")
+    acc.add_argument("--override", nargs="+", help="extra Hydra overrides for every recipe run")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--nodes", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--interface", default="lo", help=argparse.SUPPRESS)
@@ -193,25 +292,29 @@ def main(argv: list[str] | None = None) -> None:
               num_nodes=args.nodes, interface=args.interface, result=args.result, all_ranks=True)
         return
     if args.suite is None:
-        parser.error("--suite is required: choose comm or overhead")
-    check_run_arguments(parser, args)
-    if any(r < 0 for r in args.rates):
-        parser.error(f"--rates {args.rates} is invalid: rates are Mbit/s >= 0 (0: unshaped)")
+        parser.error(f"--suite is required: choose {', '.join(_SUITE_OPTIONS)}")
+    _resolve_options(parser, args)
+    # `kill` of the benchmark must still delete the network namespaces it built (the `finally` blocks run).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.out.mkdir(parents=True, exist_ok=True)
+    written = [args.out / f"{args.suite}.csv"]
     if args.suite == "overhead":
         rows = _overhead(args)
-        name = "overhead"
-    else:
+    elif args.suite == "comm":
         rows = _median_rows(_comm(args))
         print(_table(rows, args))
         _plot(rows, args.out / "comm.png")
-        name = "comm"
-    with open(args.out / f"{name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"results: {args.out / name}.csv" + (f", {args.out / 'comm.png'}" if name == "comm" else ""),
-          file=sys.stderr)
+        written.append(args.out / "comm.png")
+    else:
+        results = _accuracy(args)
+        rows, budget = accuracy.summarize(results, args.budget_seconds)
+        print(accuracy.table(rows, budget))
+        print("\n".join(accuracy.claims(rows)))
+        accuracy.plot(results, budget, args.out / "accuracy.png")
+        _write_csv(args.out / "accuracy_curves.csv", accuracy.curve_rows(results))
+        written += [args.out / "accuracy_curves.csv", args.out / "accuracy.png"]
+    _write_csv(written[0], rows)
+    print(f"results: {', '.join(str(path) for path in written)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -57,11 +57,11 @@ def _table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     base = next(r for r in rows if r["method"] == "none")["seconds_per_step"]
     ddp_wire = next(r for r in rows if r["method"] == "ddp")["wire_bytes_per_step_per_worker"]
     lines = [
-        f"{args.processes} CPU processes, paper CIFAR-10 net ({rows[0]['parameters']:,} parameters), batch "
-        f"{args.batch_size} per worker, {args.steps} timed steps after {args.warmup} warm-up, median of "
-        f"{args.rounds} rounds",
-        f"{'method':<9} {'ms/step':>8} {'img/s/worker':>12} {'vs none':>8} {'wire B/step/worker':>19} "
-        f"{'payload B/step':>15} {'DDP/this bytes':>15}",
+        (f"{args.processes} CPU processes, paper CIFAR-10 net ({rows[0]['parameters']:,} parameters), batch "
+         f"{args.batch_size} per worker, {args.steps} timed steps after {args.warmup} warm-up, median of "
+         f"{args.rounds} rounds"),
+        (f"{'method':<9} {'ms/step':>8} {'img/s/worker':>12} {'vs none':>8} {'wire B/step/worker':>19} "
+         f"{'payload B/step':>15} {'DDP/this bytes':>15}"),
     ]
     for r in rows:
         wire = r["wire_bytes_per_step_per_worker"]

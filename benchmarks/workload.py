@@ -10,7 +10,9 @@ provides it, ``easgd_async:τ``.
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -87,6 +89,7 @@ class Window(L.Callback):
             "median_step_seconds": statistics.median(self.step_times),
             "tx_bytes_per_step": None if sent is None else sent / self.steps,
             "payload_bytes_per_step": payload,
+            "exchange_buffer_bytes": getattr(averager, "buffer_bytes", None),
             "parameters": sum(p.numel() for p in trainer.lightning_module.parameters()),
         }
         self.result.write_text(json.dumps(result))
@@ -126,6 +129,12 @@ def train(
     )
     trainer.fit(module, loader)
     if torch.distributed.is_initialized():
-        # Lightning leaves the process group alive after fit; tearing it down at interpreter exit instead can
-        # abort the process ("terminate called without an active exception") after the measurement is done.
+        # Lightning leaves the process group alive after fit. Tearing gloo down while a peer still exits, or at
+        # interpreter exit, can abort the process ("terminate called without an active exception") after the
+        # measurement is written: meet the peers first, destroy the group, then leave without running C++
+        # destructors again.
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

@@ -1,0 +1,247 @@
+"""The accuracy suite: the center's test error against training wall-clock time, for EASGD/EAMSGD and the methods
+users would pick instead, trained by the CIFAR-10 recipe on real data.
+
+Every method is one run of ``recipes/cifar10.py`` (the paper's 7-layer net, 28×28 crops, batch 128 per worker,
+constant learning rate, the presets in ``conf/experiment/``). Its p workers are launched as p one-process "nodes",
+each in its own network namespace behind a link shaped to the given rate (``benchmarks/netlab.py``). The center is
+evaluated on the test split several times per epoch (``data.val_size=0``), and the recipe's ``WallClockLogger``
+stamps each result with the training time spent so far, evaluation excluded. One run per method gives both budgets:
+
+* fixed epochs: the center's test error after ``epochs`` epochs (the recipe's final test of its last checkpoint);
+* fixed wall clock: the error at the last evaluation within ``budget`` seconds of training. The learning rate is
+  constant and nothing else in training depends on the budget, so this is what a run stopped at that time would
+  have reported at its last evaluation.
+
+Methods (``--methods``): ``msgd`` (one worker, the paper's MSGD preset), ``ddp`` (Lightning DDP: gradients
+all-reduced every step), ``average:τ`` (local SGD with periodic model averaging, ``benchmarks/baselines.py``),
+``easgd:τ`` and ``eamsgd:τ`` (the paper presets with period τ), ``easgd_async:τ`` and ``eamsgd_async:τ``. DDP and
+periodic averaging use EAMSGD's local optimizer (Nesterov momentum 0.99, lr 0.005), so that only the
+communication scheme differs; ``msgd`` never communicates, so it runs once, at the first rate. Checkpoints (one per
+evaluation, for the final test) hold the center only for every method.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.procs import launch_env, node_env, run_all
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+RECIPE = REPOSITORY / "recipes" / "cifar10.py"
+DEFAULT_METHODS = ("msgd", "ddp", "average:16", "easgd:16", "eamsgd:4", "eamsgd:16", "eamsgd:64")
+
+# The Hydra overrides that select each method; τ is added to those that take one.
+_METHODS: dict[str, tuple[str, ...]] = {
+    "msgd": ("experiment=cifar10_paper_msgd",),
+    "ddp": ("experiment=cifar10_paper_eamsgd", "strategy=ddp"),
+    "average": ("experiment=cifar10_paper_eamsgd", "strategy=ddp",
+                "strategy._target_=benchmarks.baselines.PeriodicAveragingStrategy"),
+    "easgd": ("experiment=cifar10_paper_easgd",),
+    "eamsgd": ("experiment=cifar10_paper_eamsgd",),
+    "easgd_async": ("experiment=cifar10_paper_easgd", "strategy=easgd_async"),
+    "eamsgd_async": ("experiment=cifar10_paper_eamsgd", "strategy=eamsgd_async"),
+}
+_WITHOUT_PERIOD = ("msgd", "ddp")
+_ELASTIC = ("easgd", "eamsgd", "easgd_async", "eamsgd_async")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One training method of the comparison, e.g. ``Method("eamsgd", 16)``."""
+
+    name: str
+    tau: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Method:
+        """``"eamsgd:16"`` -> ``Method("eamsgd", 16)``; raises ValueError naming what is allowed."""
+        name, _, period = text.partition(":")
+        if name in _WITHOUT_PERIOD and not period:
+            return cls(name)
+        if name in _METHODS and name not in _WITHOUT_PERIOD and period.isdigit() and int(period) >= 1:
+            return cls(name, int(period))
+        periodic = ", ".join(f"{m}:TAU" for m in _METHODS if m not in _WITHOUT_PERIOD)
+        raise ValueError(f"method={text!r} is invalid: use {', '.join(_WITHOUT_PERIOD)}, or {periodic} with TAU >= 1")
+
+    @property
+    def label(self) -> str:
+        return self.name if self.tau is None else f"{self.name}:{self.tau}"
+
+    @property
+    def communicates(self) -> bool:
+        return self.name != "msgd"
+
+    def workers(self, processes: int) -> int:
+        return processes if self.communicates else 1
+
+    def overrides(self) -> list[str]:
+        """The recipe overrides that select this method."""
+        selected = list(_METHODS[self.name])
+        if self.name in _ELASTIC:
+            # Checkpoints keep the center only, as the baselines' do: every worker's state would add a gather to
+            # rank 0 per checkpoint (one per evaluation here) to the traffic and the training time measured.
+            selected.append("strategy.save_worker_states=false")
+        if self.name == "average":
+            selected.append(f"+strategy.period={self.tau}")
+        elif self.tau is not None:
+            selected.append(f"strategy.tau={self.tau}")
+        return selected
+
+
+@dataclass
+class Curve:
+    """The center's test error (%) at each evaluation of one run, against epochs and training seconds."""
+
+    epoch: list[float]
+    train_s: list[float]
+    error: list[float]
+
+    def error_within(self, seconds: float) -> float | None:
+        """Error at the last evaluation with at most ``seconds`` of training; None if there was none yet."""
+        within = [e for t, e in zip(self.train_s, self.error) if t <= seconds]
+        return within[-1] if within else None
+
+
+def recipe_command(method: Method, *, processes: int, epochs: int, evals_per_epoch: int, batch_size: int,
+                   data_dir: Path, run_dir: Path, extra: Sequence[str]) -> list[str]:
+    """The recipe command line one worker of ``method`` runs."""
+    workers = method.workers(processes)
+    return [
+        sys.executable, str(RECIPE), *method.overrides(), "trainer=cpu", "trainer.devices=1",
+        f"trainer.num_nodes={workers}", f"trainer.max_epochs={epochs}",
+        f"trainer.val_check_interval={1 / evals_per_epoch}", f"data.batch_size={batch_size}",
+        f"data.data_dir={data_dir}", "data.verify_integrity=false", "data.num_workers=0", "logger=csv",
+        "callbacks.progress_bar=null", "ckpt_path=null", f"hydra.run.dir={run_dir}", *extra,
+    ]  # fmt: skip
+
+
+@dataclass
+class Result:
+    """One finished run: which method on which link, its curve, its final test error (%), the wall-clock seconds
+    the whole run took (start-up and evaluation included) and the megabytes each worker's interface sent."""
+
+    rate: str
+    method: Method
+    workers: int
+    epochs: int
+    curve: Curve
+    test_error: float
+    wall_seconds: float
+    sent_mb: float
+
+
+def train_one(method: Method, hosts: Sequence[Any], *, rate: str, port: int, processes: int, epochs: int,
+              run_dir: Path, timeout: float, **recipe: Any) -> Result:
+    """Run ``method`` to completion on ``hosts`` (:class:`benchmarks.netlab.Host`, the first p are used)."""
+    from lightning_easgd.plot import find_runs
+
+    workers = method.workers(processes)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a stale metrics.csv would mix two runs' curves
+    command = recipe_command(method, processes=processes, epochs=epochs, run_dir=run_dir, **recipe)
+    used = list(hosts[:workers])
+    commands = [host.command(command, node_env(rank, host) if workers > 1 else {}) for rank, host in enumerate(used)]
+    sent_before = [host.tx_bytes() for host in used]
+    start = time.perf_counter()
+    run_all(commands, {**launch_env(used, port, workers), "PYTHONPATH": str(REPOSITORY)}, timeout)
+    wall = time.perf_counter() - start
+    sent = [host.tx_bytes() - before for host, before in zip(used, sent_before)]
+    run = find_runs([run_dir / "csv" / "metrics.csv"], [method.label])[0]
+    if run.test_acc is None or not run.val_error:
+        raise RuntimeError(f"{method.label}: {run_dir / 'csv' / 'metrics.csv'} holds no val/acc or test/acc")
+    return Result(rate=rate if method.communicates else "any", method=method, workers=workers, epochs=epochs,
+                  curve=Curve(epoch=run.epoch, train_s=run.train_s, error=run.val_error),
+                  test_error=100.0 * (1.0 - run.test_acc), wall_seconds=wall, sent_mb=sum(sent) / len(sent) / 1e6)
+
+
+def summarize(results: list[Result], budget: float | None) -> tuple[list[dict[str, Any]], float]:
+    """Table rows with the error at the wall-clock budget; the budget defaults to the shortest run's training time
+    (so that every method is compared at a time all of them reached)."""
+    if budget is None:
+        budget = min(r.curve.train_s[-1] for r in results)
+    rows = []
+    for r in results:
+        at_budget = r.curve.error_within(budget)
+        rows.append({
+            "rate_mbit": r.rate, "method": r.method.label, "workers": r.workers, "epochs": r.epochs,
+            "train_seconds": r.curve.train_s[-1], "wall_seconds": r.wall_seconds,
+            "test_error_after_epochs": r.test_error,
+            "error_at_budget": math.nan if at_budget is None else at_budget, "budget_seconds": budget,
+            "best_error": min(r.curve.error), "sent_mb_per_worker": r.sent_mb,
+        })  # fmt: skip
+    return rows, budget
+
+
+def curve_rows(results: list[Result]) -> list[dict[str, Any]]:
+    """Every evaluation of every run, one row each (``accuracy_curves.csv``)."""
+    return [{"rate_mbit": r.rate, "method": r.method.label, "epoch": epoch, "train_seconds": seconds, "error": error}
+            for r in results for epoch, seconds, error in zip(r.curve.epoch, r.curve.train_s, r.curve.error)]
+
+
+def table(rows: list[dict[str, Any]], budget: float) -> str:
+    header = (f"{'link':>9} {'method':<15} {'p':>2} {'train s':>8} {'err @ epochs':>12} "
+              f"{f'err @ {budget:.0f} s':>12} {'best err':>8} {'MB sent/worker':>14}")
+    lines = [header]
+    for r in rows:
+        at_budget = "-" if math.isnan(r["error_at_budget"]) else f"{r['error_at_budget']:.2f}"
+        lines.append(f"{r['rate_mbit']!s:>9} {r['method']:<15} {r['workers']:>2} {r['train_seconds']:>8.0f} "
+                     f"{r['test_error_after_epochs']:>12.2f} {at_budget:>12} {r['best_error']:>8.2f} "
+                     f"{r['sent_mb_per_worker']:>14.1f}")
+    return "\n".join(lines)
+
+
+def claims(rows: list[dict[str, Any]]) -> list[str]:
+    """The paper's qualitative claims, checked on these rows (per link rate, at the wall-clock budget)."""
+    out = []
+    for rate in dict.fromkeys(r["rate_mbit"] for r in rows):
+        here = {r["method"]: r for r in rows if r["rate_mbit"] == rate}
+        link = "unshaped link" if rate == "unshaped" else f"{rate} Mbit/s"
+        eamsgd = {int(m.split(":")[1]): r for m, r in here.items() if m.startswith("eamsgd:")}
+        baselines = {m: r for m, r in here.items() if m == "ddp" or m.startswith("average:")}
+        if eamsgd and baselines:
+            tau, best = min(eamsgd.items(), key=lambda item: _at_budget(item[1]))
+            name, rival = min(baselines.items(), key=lambda item: _at_budget(item[1]))
+            verdict = "holds" if _at_budget(best) < _at_budget(rival) else "does not hold"
+            out.append(f"{link}: EAMSGD beats the synchronous and averaging baselines at the budget: {verdict} "
+                       f"(EAMSGD τ={tau} {_at_budget(best):.2f}% vs best baseline {name} {_at_budget(rival):.2f}%)")
+        if len(eamsgd) > 1:
+            small, large = min(eamsgd), max(eamsgd)
+            cost = _at_budget(eamsgd[large]) - _at_budget(eamsgd[small])
+            traffic = eamsgd[small]["sent_mb_per_worker"] / max(eamsgd[large]["sent_mb_per_worker"], 1e-9)
+            out.append(f"{link}: EAMSGD τ={large} vs τ={small}: {cost:+.2f} points of error at the budget, "
+                       f"{traffic:.1f}x less traffic (τ ratio {large / small:.0f})")
+    return out
+
+
+def _at_budget(row: dict[str, Any]) -> float:
+    return math.inf if math.isnan(row["error_at_budget"]) else row["error_at_budget"]
+
+
+def plot(results: list[Result], budget: float, path: Path) -> None:
+    """Center test error against training time, one panel per link rate (the single worker drawn in each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = list(dict.fromkeys(r.rate for r in results if r.method.communicates))
+    single = [r for r in results if not r.method.communicates]
+    fig, axes = plt.subplots(1, max(1, len(rates)), figsize=(6 * max(1, len(rates)), 4.5), squeeze=False)
+    for ax, rate in zip(axes[0], rates or [None]):
+        for r in single + [r for r in results if r.rate == rate and r.method.communicates]:
+            ax.plot(r.curve.train_s, r.curve.error, marker="o", markersize=2, label=r.method.label)
+        ax.axvline(budget, color="gray", linestyle=":", label=f"budget {budget:.0f} s")
+        ax.set_xlabel("training wall-clock time (s, evaluation excluded)")
+        ax.set_ylabel("center test error (%)")
+        ax.set_title("link: unshaped veth" if rate in (None, "unshaped") else f"link: {rate} Mbit/s")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

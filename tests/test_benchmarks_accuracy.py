@@ -1,0 +1,151 @@
+"""The accuracy suite of ``benchmarks/run.py``: its method table, budget arithmetic, claim checks and CLI, and one
+tiny end-to-end run on the real CIFAR-10 copy inside a private network (root and shared data only)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from bounded import run_bounded
+from conftest import DATA_DIR
+from hydra import compose, initialize_config_dir
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # benchmarks/ is not part of the installed package
+
+from benchmarks import accuracy
+from benchmarks.netlab import available
+from benchmarks.run import main
+
+
+def _compose(method: accuracy.Method):
+    command = accuracy.recipe_command(method, processes=4, epochs=3, evals_per_epoch=4, batch_size=64,
+                                      data_dir=Path("/data/cifar10"), run_dir=Path("/tmp/run"), extra=[])
+    overrides = [arg for arg in command[2:] if not arg.startswith("hydra.")]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("cifar10", overrides=overrides)
+
+
+@pytest.mark.parametrize(
+    ("text", "target", "lr", "momentum", "workers", "period"),
+    [
+        ("msgd", "lightning.pytorch.strategies.SingleDeviceStrategy", 5e-4, 0.99, 1, None),
+        ("ddp", "lightning.pytorch.strategies.DDPStrategy", 0.005, 0.99, 4, None),
+        ("average:16", "benchmarks.baselines.PeriodicAveragingStrategy", 0.005, 0.99, 4, 16),
+        ("easgd:4", "lightning_easgd.EASGDStrategy", 0.01, None, 4, 4),
+        ("eamsgd:64", "lightning_easgd.EASGDStrategy", 0.005, 0.99, 4, 64),
+        ("eamsgd_async:8", "lightning_easgd.async_strategy.AsyncEASGDStrategy", 0.005, 0.99, 4, 8),
+    ],
+)
+def test_each_method_composes_into_the_recipe_it_names(text, target, lr, momentum, workers, period) -> None:
+    method = accuracy.Method.parse(text)
+    cfg = _compose(method)
+    assert cfg.strategy._target_ == target
+    assert cfg.optimizer.lr == lr and cfg.optimizer.get("momentum") == momentum
+    assert cfg.trainer.num_nodes == workers == method.workers(4) and cfg.trainer.devices == 1
+    assert cfg.strategy.get("tau", cfg.strategy.get("period")) == period
+    assert cfg.trainer.max_epochs == 3 and cfg.trainer.val_check_interval == 0.25
+    assert cfg.data.batch_size == 64 and cfg.data.val_size == 0  # validation runs on the test split
+    assert cfg.ckpt_path is None  # a leftover checkpoint must never be resumed into a benchmark run
+    assert cfg.strategy.get("save_worker_states", False) is False  # checkpoints hold the center only
+
+
+@pytest.mark.parametrize("text", ["sgd", "ddp:4", "easgd", "eamsgd:0", "average:x", "msgd:2", ""])
+def test_bad_methods_are_refused_with_what_is_allowed(text: str) -> None:
+    with pytest.raises(ValueError, match=r"method=.* is invalid: use msgd, ddp, or average:TAU"):
+        accuracy.Method.parse(text)
+
+
+def _result(method: str, train_s: list[float], error: list[float], sent_mb: float = 1.0) -> accuracy.Result:
+    parsed = accuracy.Method.parse(method)
+    curve = accuracy.Curve(epoch=[i + 1.0 for i in range(len(error))], train_s=train_s, error=error)
+    return accuracy.Result(rate="100", method=parsed, workers=parsed.workers(4), epochs=len(error), curve=curve,
+                           test_error=error[-1], wall_seconds=train_s[-1] + 5, sent_mb=sent_mb)
+
+
+def test_error_at_the_budget_is_the_last_evaluation_within_it() -> None:
+    curve = accuracy.Curve(epoch=[1, 2, 3], train_s=[10.0, 20.0, 30.0], error=[50.0, 40.0, 35.0])
+    assert curve.error_within(9.9) is None
+    assert curve.error_within(10.0) == 50.0
+    assert curve.error_within(29.0) == 40.0
+    assert curve.error_within(1e9) == 35.0
+
+
+def test_default_budget_is_the_shortest_runs_training_time() -> None:
+    results = [_result("msgd", [10, 20, 30], [60, 50, 45]), _result("eamsgd:16", [12, 24], [55, 42])]
+    rows, budget = accuracy.summarize(results, None)
+    assert budget == 24
+    assert [r["error_at_budget"] for r in rows] == [50, 42]
+    assert [r["test_error_after_epochs"] for r in rows] == [45, 42]
+    rows, budget = accuracy.summarize(results, 5.0)
+    assert budget == 5.0 and all(math.isnan(r["error_at_budget"]) for r in rows)
+    assert "-" in accuracy.table(rows, budget).splitlines()[1]
+
+
+def test_claims_report_both_outcomes() -> None:
+    holds = [_result("ddp", [10], [50], 100), _result("average:16", [10], [48], 6),
+             _result("eamsgd:4", [10], [47], 25), _result("eamsgd:16", [10], [45], 6.2)]
+    rows, _ = accuracy.summarize(holds, None)
+    lines = accuracy.claims(rows)
+    assert lines[0].startswith("100 Mbit/s: EAMSGD beats the synchronous and averaging baselines at the budget: holds")
+    assert "EAMSGD τ=16 45.00% vs best baseline average:16 48.00%" in lines[0]
+    assert "EAMSGD τ=16 vs τ=4: -2.00 points of error at the budget, 4.0x less traffic (τ ratio 4)" in lines[1]
+    fails = [_result("ddp", [10], [40]), _result("eamsgd:4", [10], [47])]
+    rows, _ = accuracy.summarize(fails, None)
+    assert "does not hold (EAMSGD τ=4 47.00% vs best baseline ddp 40.00%)" in accuracy.claims(rows)[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--suite", "accuracy", "--steps", "8"], "--steps do not apply to --suite accuracy"),
+        (["--suite", "comm", "--epochs", "2"], "--epochs do not apply to --suite comm"),
+        (["--suite", "overhead", "--rates", "100"], "--rates do not apply to --suite overhead"),
+        (["--suite", "overhead", "--processes", "2"], "--processes 2 is invalid for --suite overhead"),
+        (["--suite", "accuracy", "--methods", "ddp", "sgd"], "--methods: method='sgd' is invalid"),
+        (["--suite", "accuracy", "--epochs", "0"], "--epochs=0 is invalid: it must be >= 1"),
+        (["--suite", "accuracy", "--budget-seconds", "-1"], "--budget-seconds=-1.0 is invalid"),
+        (["--suite", "accuracy", "--timeout", "0"], "--timeout=0.0 is invalid"),
+        (["--suite", "accuracy", "--data-dir", "/nonexistent"], "--data-dir /nonexistent is invalid"),
+    ],
+)
+def test_cli_refuses_options_it_would_ignore_and_bad_values(argv, message, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(available() is not None, reason=f"private network unavailable: {available()}")
+@pytest.mark.skipif(not (DATA_DIR / "cifar10" / "cifar-10-batches-py").is_dir(), reason="shared CIFAR-10 absent")
+def test_a_tiny_accuracy_suite_runs_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    command = [sys.executable, "-m", "benchmarks.run", "--suite", "accuracy", "--processes", "2", "--rates", "0",
+               "--methods", "msgd", "eamsgd:2", "--epochs", "1", "--evals-per-epoch", "2", "--batch-size", "32",
+               "--data-dir", str(DATA_DIR / "cifar10"), "--out", str(out), "--timeout", "200", "--override",
+               "trainer.limit_train_batches=4", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"]
+    finished = run_bounded(command, cwd=REPO, timeout=240)
+    assert finished.returncode == 0, finished.stdout[-4000:]
+    with open(out / "accuracy.csv", newline="") as f:
+        rows = {row["method"]: row for row in csv.DictReader(f)}
+    assert set(rows) == {"msgd", "eamsgd:2"}
+    assert rows["msgd"]["rate_mbit"] == "any" and rows["eamsgd:2"]["rate_mbit"] == "unshaped"
+    # The single worker sends nothing of its own; the two EAMSGD workers exchange the 351,946 parameters (1.41 MB) twice in
+    # their 4 steps (τ = 2), plus rendezvous and metric syncs: counted on the interface, not assumed.
+    assert float(rows["msgd"]["sent_mb_per_worker"]) < 0.001  # at most the link's own chatter (IPv6 neighbour)
+    assert 2 * 1.41 < float(rows["eamsgd:2"]["sent_mb_per_worker"]) < 2 * 1.41 + 1.5
+    for method, row in rows.items():
+        metrics = out / "accuracy_runs" / f"unshaped_{method.replace(':', '_')}" / "csv" / "metrics.csv"
+        with open(metrics, newline="") as f:
+            logged = list(csv.DictReader(f))
+        test_acc = next(float(r["test/acc"]) for r in logged if r.get("test/acc"))
+        assert float(row["test_error_after_epochs"]) == pytest.approx(100 * (1 - test_acc))
+        evaluations = [r for r in logged if r.get("val/acc")]
+        assert len(evaluations) == 2  # --evals-per-epoch 2
+        assert float(row["train_seconds"]) == pytest.approx(float(evaluations[-1]["time/train_s"]))
+    with open(out / "accuracy_curves.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    assert (out / "accuracy.png").stat().st_size > 0
