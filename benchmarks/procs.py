@@ -14,11 +14,13 @@ if TYPE_CHECKING:
 
 
 def check_run_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse counts below 1 and periods that do not divide the timed window (it must hold whole periods)."""
+    """Refuse counts below 1 and periods that do not divide the timed window (it must hold whole periods).
+    Options left at None are not used by the command and not checked."""
     for name in ("processes", "steps", "warmup", "batch_size", "rounds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid: it must be >= 1")
-    if any(t < 1 or args.steps % t for t in args.taus):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')}={value} is invalid: it must be >= 1")
+    if getattr(args, "taus", None) is not None and any(t < 1 or args.steps % t for t in args.taus):
         parser.error(f"--taus {args.taus} is invalid for --steps {args.steps}: every tau must be >= 1 and divide the "
                      "number of timed steps, so that each window holds whole communication periods")
 

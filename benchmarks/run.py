@@ -18,7 +18,7 @@ and ``accuracy.png``.
 
 ``overhead``: one process, EASGDStrategy(tau=1) against Lightning's default single-device training (the strategy's
 own per-step cost, with no communication), plus the memory the center and exchange buffers take. Writes
-``overhead.csv``.
+``overhead.csv`` and ``overhead.png``.
 
 Options a suite does not read are refused, not ignored.
 """
@@ -198,6 +198,22 @@ def _overhead(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def _plot_overhead(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.bar([r["method"] for r in rows], [r["relative"] for r in rows], color=["gray", "tab:blue", "tab:blue"])
+    for target in (0.98, 1.02):
+        ax.axhline(target, color="black", linestyle=":", linewidth=0.8)
+    ax.set_ylabel("step time / plain Lightning's")
+    ax.set_title("one process: the strategy's own cost (±2 % dotted)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 # Options that only one suite reads; giving one to another suite is refused rather than ignored.
 _SUITE_OPTIONS = {
     "comm": ("rates", "taus", "steps", "warmup", "rounds", "with_async"),
@@ -221,9 +237,9 @@ def _resolve_options(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         flags = ", ".join(sorted({"--" + name.replace("_", "-") for name in foreign}))
         parser.error(f"{flags} do not apply to --suite {args.suite}; its options are: "
                      f"{', '.join('--' + n.replace('_', '-') for n in _SUITE_OPTIONS[args.suite])}")
-    for name, value in _DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    for name in _SUITE_OPTIONS[args.suite]:
+        if getattr(args, name) is None and name in _DEFAULTS:
+            setattr(args, name, _DEFAULTS[name])
     if args.rates is None:
         args.rates = [0, 100] if args.suite == "accuracy" else [1000, 100]
     if args.timeout is not None and args.timeout <= 0:
@@ -300,6 +316,8 @@ def main(argv: list[str] | None = None) -> None:
     written = [args.out / f"{args.suite}.csv"]
     if args.suite == "overhead":
         rows = _overhead(args)
+        _plot_overhead(rows, args.out / "overhead.png")
+        written.append(args.out / "overhead.png")
     elif args.suite == "comm":
         rows = _median_rows(_comm(args))
         print(_table(rows, args))

@@ -1,5 +1,6 @@
-"""The accuracy suite of ``benchmarks/run.py``: its method table, budget arithmetic, claim checks and CLI, and one
-tiny end-to-end run on the real CIFAR-10 copy inside a private network (root and shared data only)."""
+"""``benchmarks/run.py``: the accuracy suite's method table, budget arithmetic, claim checks and CLI, one tiny
+end-to-end run of it on the real CIFAR-10 copy inside a private network (root and shared data only), and tiny runs
+of the comm and overhead suites."""
 
 from __future__ import annotations
 
@@ -149,3 +150,36 @@ def test_a_tiny_accuracy_suite_runs_end_to_end(tmp_path: Path) -> None:
     with open(out / "accuracy_curves.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 4
     assert (out / "accuracy.png").stat().st_size > 0
+
+
+def _run_suite(argv: list[str], out: Path) -> dict[str, dict[str, str]]:
+    finished = run_bounded([sys.executable, "-m", "benchmarks.run", *argv, "--out", str(out), "--timeout", "150"],
+                           cwd=REPO, timeout=240)
+    assert finished.returncode == 0, finished.stdout[-4000:]
+    suite = argv[argv.index("--suite") + 1]
+    assert (out / f"{suite}.png").stat().st_size > 0
+    with open(out / f"{suite}.csv", newline="") as f:
+        return {row["method"]: row for row in csv.DictReader(f)}
+
+
+@pytest.mark.skipif(available() is not None, reason=f"private network unavailable: {available()}")
+def test_a_tiny_comm_suite_counts_bytes_on_the_wire(tmp_path: Path) -> None:
+    rows = _run_suite(["--suite", "comm", "--rates", "0", "--taus", "2", "--steps", "4", "--warmup", "2",
+                       "--batch-size", "16"], tmp_path)
+    assert set(rows) == {"none", "ddp", "average:2", "easgd:2"}
+    parameter_bytes = 4 * 351_946
+    # EASGD's payload is the parameters every τ = 2 steps; what the interface counted is that plus TCP/IP framing.
+    assert float(rows["easgd:2"]["payload_bytes_per_step"]) == parameter_bytes / 2
+    assert int(rows["easgd:2"]["exchange_buffer_bytes"]) == 3 * parameter_bytes  # center, d_i, the sum (p = 2)
+    assert parameter_bytes / 2 < float(rows["easgd:2"]["wire_bytes_per_step_per_worker"]) < 1.1 * parameter_bytes / 2
+    assert float(rows["ddp"]["ddp_bytes_over_these"]) == 1.0
+    assert float(rows["easgd:2"]["ddp_bytes_over_these"]) == pytest.approx(2.0, rel=0.05)
+    assert float(rows["none"]["wire_bytes_per_step_per_worker"]) < 100  # no peers: nothing but link chatter
+
+
+def test_a_tiny_overhead_suite_reports_time_and_memory(tmp_path: Path) -> None:
+    rows = _run_suite(["--suite", "overhead", "--steps", "4", "--warmup", "2", "--batch-size", "16"], tmp_path)
+    assert set(rows) == {"none", "easgd:1", "easgd:64"}
+    assert float(rows["none"]["relative"]) == 1.0 and float(rows["easgd:1"]["relative"]) > 0
+    assert int(rows["none"]["extra_memory_bytes"]) == 0
+    assert int(rows["easgd:64"]["extra_memory_bytes"]) == 2 * 4 * 351_946  # one process: the center and d_i
