@@ -12,7 +12,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 
 from benchmarks.stragglers import measure
 
-SETTINGS = {"steps": 40, "warmup": 8, "tau": 8, "factor": 3.0, "width": 512, "batch_size": 64}
+SETTINGS = {"steps": 72, "warmup": 8, "tau": 8, "factor": 3.0, "width": 512, "batch_size": 64}
+# How far a synchronous worker can run ahead of the straggler: it blocks at every exchange, waiting one step late
+# (the all-reduce overlaps the next step), so it is at most tau + 1 steps ahead. Over a window of W steps its rate
+# is then at most W / (W - tau - 1) times the straggler's (1.16 here; 1.39 with the earlier 32-step window, which
+# made a fixed 1.25 bound fail now and then).
+WINDOW = SETTINGS["steps"] - SETTINGS["warmup"]
+SYNC_LEAD = WINDOW / (WINDOW - SETTINGS["tau"] - 1)
 
 
 CONFIGS = [("easgd_async", False), ("easgd_async", True), ("easgd", False), ("easgd", True)]
@@ -34,7 +40,7 @@ def test_async_keeps_pace_sync_falls_to_straggler(tmp_path: Path) -> None:
     print(report)
     # Within one run: the asynchronous worker outruns the straggler; the synchronous one is held to its pace.
     assert async_slowed >= 1.5 * async_straggler, report
-    assert sync_slowed <= 1.25 * sync_straggler, report
+    assert sync_slowed <= 1.1 * SYNC_LEAD * sync_straggler, report
     # Across runs (loose versions of ">= 90 %" and "falls to the straggler's pace").
     assert async_slowed >= 0.5 * async_fast, report
     assert sync_slowed <= 0.8 * sync_fast, report
