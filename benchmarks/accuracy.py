@@ -202,7 +202,7 @@ def claims(rows: list[dict[str, Any]]) -> list[str]:
     out = []
     for rate in dict.fromkeys(r["rate_mbit"] for r in rows):
         here = {r["method"]: r for r in rows if r["rate_mbit"] == rate}
-        link = "unshaped link" if rate == "unshaped" else f"{rate} Mbit/s"
+        link = link_name(rate)
         eamsgd = {int(m.split(":")[1]): r for m, r in here.items() if m.startswith("eamsgd:")}
         baselines = {m: r for m, r in here.items() if m == "ddp" or m.startswith("average:")}
         if eamsgd and baselines:
@@ -218,6 +218,11 @@ def claims(rows: list[dict[str, Any]]) -> list[str]:
             out.append(f"{link}: EAMSGD τ={large} vs τ={small}: {cost:+.2f} points of error at the budget, "
                        f"{traffic:.1f}x less traffic (τ ratio {large / small:.0f})")
     return out
+
+
+def link_name(label: str) -> str:
+    """``"100"`` -> ``"100 Mbit/s"``; ``"unshaped"`` -> ``"unshaped link"``."""
+    return "unshaped link" if label == "unshaped" else f"{label} Mbit/s"
 
 
 def _at_budget(row: dict[str, Any]) -> float:

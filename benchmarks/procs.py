@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import signal
 import subprocess
 import time
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from benchmarks.netlab import Host
@@ -60,3 +62,11 @@ def node_env(rank: int, host: Host) -> dict[str, str]:
     TensorPipe (they would otherwise pick the address the hostname resolves to: the loopback)."""
     return {"NODE_RANK": str(rank), "LOCAL_RANK": "0", "GLOO_SOCKET_IFNAME": host.interface,
             "TP_SOCKET_IFNAME": host.interface}
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """One row per dict, the first row's keys as the header."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

@@ -26,7 +26,6 @@ Options a suite does not read are refused, not ignored.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import signal
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import accuracy
-from benchmarks.procs import check_run_arguments, launch_env, node_env, run_all
+from benchmarks.procs import check_run_arguments, launch_env, node_env, run_all, write_csv
 
 
 def _worker_command(method: str, args: argparse.Namespace, result: Path, interface: str, nodes: int) -> list[str]:
@@ -157,8 +156,7 @@ def _accuracy(args: argparse.Namespace) -> list[accuracy.Result]:
             for method in methods:
                 port += 1
                 run_dir = args.out / "accuracy_runs" / f"{label}_{method.label.replace(':', '_')}"
-                link = f"{label} Mbit/s" if rate else "unshaped link"
-                print(f"{link}, {method.label}: training {args.epochs} epochs ({run_dir})", file=sys.stderr)
+                print(f"{accuracy.link_name(label)}, {method.label}: training {args.epochs} epochs ({run_dir})", file=sys.stderr)
                 result = accuracy.train_one(
                     method, hosts, rate=label, port=port, processes=args.processes, epochs=args.epochs,
                     run_dir=run_dir, timeout=args.timeout, evals_per_epoch=args.evals_per_epoch,
@@ -267,13 +265,6 @@ def _resolve_options(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         args.data_dir = args.data_dir.resolve()
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=list(_SUITE_OPTIONS), help="which measurement to run")
@@ -329,9 +320,9 @@ def main(argv: list[str] | None = None) -> None:
         print(accuracy.table(rows, budget))
         print("\n".join(accuracy.claims(rows)))
         accuracy.plot(results, budget, args.out / "accuracy.png")
-        _write_csv(args.out / "accuracy_curves.csv", accuracy.curve_rows(results))
+        write_csv(args.out / "accuracy_curves.csv", accuracy.curve_rows(results))
         written += [args.out / "accuracy_curves.csv", args.out / "accuracy.png"]
-    _write_csv(written[0], rows)
+    write_csv(written[0], rows)
     print(f"results: {', '.join(str(path) for path in written)}", file=sys.stderr)
 
 

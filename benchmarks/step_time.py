@@ -14,7 +14,6 @@ byte column says "not measured". For bandwidth-limited links between separate ho
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.procs import check_run_arguments, run_all
+from benchmarks.procs import check_run_arguments, run_all, write_csv
 
 NETNS_FLAG = "EASGD_BENCH_NETNS"
 
@@ -113,10 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{1000 * measured[method][-1]['seconds_per_step']:.1f} ms/step", file=sys.stderr)
     rows = [sorted(runs, key=lambda r: r["seconds_per_step"])[len(runs) // 2] for runs in measured.values()]
     print(_table(rows, args))
-    with open(args.out / "step_time.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(args.out / "step_time.csv", rows)
     print(f"CSV: {args.out / 'step_time.csv'}", file=sys.stderr)
 
 
