@@ -171,6 +171,23 @@ class Replay:
     exchanges: list[dict[str, Any]] = field(default_factory=list)  # per exchange: step, distances, norms, ...
 
 
+def replicas(
+    module: ToyRegressor, p: int
+) -> tuple[list[ToyRegressor], list[dict[str, Tensor]], list[str], dict[str, Tensor]]:
+    """What every replay starts from: p training copies of ``module`` holding their optimizers, their state dicts
+    (detached views sharing storage with each copy's tensors), the names of the floating-point entries (what the
+    exchange averages) and a center that starts at the copies' common value."""
+    workers = [copy.deepcopy(module) for _ in range(p)]
+    for w in workers:
+        w.train()
+        opts = w.configure_optimizers()
+        w._replay_optimizers = opts if isinstance(opts, list) else [opts]
+    states = [w.state_dict() for w in workers]
+    floats = [k for k, v in states[0].items() if v.is_floating_point()]
+    center = {k: states[0][k].clone() for k in floats}
+    return workers, states, floats, center
+
+
 def replay_easgd(
     module: ToyRegressor,
     dataset: TensorDataset,
@@ -191,14 +208,7 @@ def replay_easgd(
     before the step), then the local step, then x_i −= α·d_i and x̃ += α·Σ_i d_i. With ``reset_nonfinite``, a
     worker whose d_i is not finite is left out of the sum and restarts from the new center with no optimizer state.
     """
-    workers = [copy.deepcopy(module) for _ in range(p)]
-    for w in workers:
-        w.train()
-        opts = w.configure_optimizers()
-        w._replay_optimizers = opts if isinstance(opts, list) else [opts]
-    states = [w.state_dict() for w in workers]  # detached views sharing storage with each copy's tensors
-    floats = [k for k, v in states[0].items() if v.is_floating_point()]
-    center = {k: states[0][k].clone() for k in floats}
+    workers, states, floats, center = replicas(module, p)
     result = Replay(center=center, workers=[])
     t = 0
     for epoch in range(epochs):

@@ -8,25 +8,17 @@ gradient step is taken at x, after which x_i ← x_i − α·(x − x̃). Algori
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
-from toy import Replay, ToyRegressor, rank_batches
+from toy import Replay, ToyRegressor, rank_batches, replicas
 
 
 def replay_async_easgd(
     module: ToyRegressor, dataset: TensorDataset, *, p: int, tau: int, alpha: float, epochs: int, batch_size: int,
     seed: int,
 ) -> Replay:
-    workers = [copy.deepcopy(module) for _ in range(p)]
-    for w in workers:
-        w.train()
-        w._replay_optimizers = [w.configure_optimizers()]
-    states = [w.state_dict() for w in workers]
-    floats = [k for k, v in states[0].items() if v.is_floating_point()]
-    center = {k: states[0][k].clone() for k in floats}
+    workers, states, floats, center = replicas(module, p)
     result = Replay(center=center, workers=[])
     t = 0
     for epoch in range(epochs):
