@@ -183,10 +183,7 @@ class AsyncElasticAverager(ElasticWorker):
         self._end()
 
     def _begin(self) -> None:
-        if self._pending is not None:
-            raise RuntimeError("AsyncElasticAverager.step() was entered again before the previous step finished")
-        if self._center_in_use:
-            raise RuntimeError("cannot take an optimizer step while the center weights are swapped in")
+        self._check_can_step()
         if self.service.closed:
             raise RuntimeError("the center service is closed")
         if not self.exchange_due:

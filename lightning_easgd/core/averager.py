@@ -122,10 +122,7 @@ class ElasticAverager(ElasticWorker):
         self._end()
 
     def _begin(self) -> None:
-        if self._pending is not None:
-            raise RuntimeError("ElasticAverager.step() was entered again before the previous step finished")
-        if self._center_in_use:
-            raise RuntimeError("cannot take an optimizer step while the center weights are swapped in")
+        self._check_can_step()
         if not self.exchange_due:
             return
         with torch.no_grad():

@@ -122,6 +122,13 @@ class ElasticWorker:
         """Whether the next optimizer step starts with an exchange."""
         return self.clock > 0 and self.clock % self.tau == 0
 
+    def _check_can_step(self) -> None:
+        """Refuse a step nested in another one, or taken while the center's values are swapped into the tensors."""
+        if self._pending is not None:
+            raise RuntimeError(f"{type(self).__name__}.step() was entered again before the previous step finished")
+        if self._center_in_use:
+            raise RuntimeError("cannot take an optimizer step while the center weights are swapped in")
+
     def _refresh_center(self, consistent: bool) -> None:
         """Bring this worker's copy of the center up to date before it is read; ``consistent`` asks for a copy all
         ranks agree on (collective where the center lives elsewhere). The replicated center is always current."""
