@@ -20,6 +20,7 @@ import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import _StrategyRegistry
+from lightning.fabric.utilities.distributed import _init_dist_connection
 from lightning.fabric.utilities.optimizer import _optimizer_to_device, _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import _PATH
@@ -205,7 +206,8 @@ class EASGDStrategy(DDPStrategy):
             return
         # TorchElastic restarted the workers (after a crash, say). Its store can still hold the previous attempt's
         # process-group addresses, and a rank that reads one before the restarted peer overwrites it dials a dead
-        # port. Namespacing the store by attempt makes every restart rendezvous afresh.
+        # port. Namespacing the store by attempt makes every restart rendezvous afresh. The rest is DDPStrategy's own
+        # setup (Lightning's _init_dist_connection), so a restarted NCCL group is destroyed at exit like a first one.
         reset_seed()
         self.set_world_ranks()
         self._process_group_backend = self._get_process_group_backend()
@@ -214,11 +216,12 @@ class EASGDStrategy(DDPStrategy):
         os.environ["MASTER_PORT"] = str(self.cluster_environment.main_port)
         timeout = self._timeout or default_pg_timeout
         store, _, _ = next(dist.rendezvous("env://", self.global_rank, self.world_size, timeout=timeout))
-        dist.init_process_group(
+        _init_dist_connection(
+            self.cluster_environment,
             self._process_group_backend,
+            self.global_rank,
+            self.world_size,
             store=dist.PrefixStore(f"lightning_easgd/attempt_{attempt}", store),
-            rank=self.global_rank,
-            world_size=self.world_size,
             timeout=timeout,
             device_id=self.root_device if self.root_device.type != "cpu" else None,
         )
