@@ -43,6 +43,7 @@ from lightning_easgd.checkpoint_io import AtomicCheckpointIO
 from lightning_easgd.core import DEFAULT_BETA, ElasticAverager, broadcast_tensors, resolve_alpha
 from lightning_easgd.core.hyperparams import validate_alpha, validate_beta, validate_tau
 from lightning_easgd.core.worker import ElasticWorker, NonFinitePolicy
+from lightning_easgd.guards import PerStepSyncGuard, refuse_weight_averaging
 from lightning_easgd.rng import capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,7 @@ class EASGDStrategy(DDPStrategy):
         self._workers: list[dict[str, Any]] | None = None  # saved worker states awaiting the optimizer restore
         self._pending_rng: dict[str, Any] | None = None
         self._patched_loop: Any = None  # the training epoch loop whose per-batch SIGTERM broadcast is replaced
+        self._sync_guard = PerStepSyncGuard()
 
     # ------------------------------------------------------------------ properties
 
@@ -229,6 +231,8 @@ class EASGDStrategy(DDPStrategy):
     @override
     def setup(self, trainer: Trainer) -> None:
         assert self.accelerator is not None and self.model is not None
+        if trainer.state.fn == TrainerFn.FITTING:
+            refuse_weight_averaging(trainer.callbacks)
         self.accelerator.setup(trainer)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
@@ -307,6 +311,7 @@ class EASGDStrategy(DDPStrategy):
         assert self._averager is not None
         with self._averager.step():
             output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        self._sync_guard.check(self.lightning_module.trainer)
         for step, ranks in self._averager.pop_resets():
             rank_zero_warn(
                 f"EASGD: worker(s) {', '.join(map(str, ranks))} had non-finite weights at optimizer step {step}; "
