@@ -55,7 +55,8 @@ class PerStepSyncGuard:
             return
         for _, metric in results.valid_items():
             meta = metric.meta
-            if not metric.is_tensor or not (meta.on_step and meta.sync.should) or meta.sync.rank_zero_only or meta.name in self._warned:
+            per_step_sync = metric.is_tensor and meta.on_step and meta.sync.should and not meta.sync.rank_zero_only
+            if not per_step_sync or meta.name in self._warned:
                 continue
             self._warned.add(meta.name)
             rank_zero_warn(

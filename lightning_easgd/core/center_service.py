@@ -7,9 +7,10 @@ authors' MPI code (``mpiT``) we split the flattened parameter vector into p cont
 one: each exchange then moves 1/p of the model to each owner, and no rank is a bottleneck.
 
 Transport: TensorPipe RPC, torch's point-to-point transport that works across nodes. By default only its TCP
-transport; ``transport="fast"`` adds InfiniBand and shared memory where present (see :class:`CenterService`). The handler runs on the owner's RPC thread pool, not in its training
-loop, so a busy or sleeping worker still serves its slice at once. Each slice has a lock; reading x̃ and adding
-α·(x − x̃) happen under it, so the update is atomic per slice, and a version counter counts the updates applied.
+transport; ``transport="fast"`` adds InfiniBand and shared memory where present (see :class:`CenterService`). The
+handler runs on the owner's RPC thread pool, not in its training loop, so a busy or sleeping worker still serves its
+slice at once. Each slice has a lock; reading x̃ and adding α·(x − x̃) happen under it, so the update is atomic per
+slice, and a version counter counts the updates applied.
 
 Where the center lives: in host memory (CPU) on its owner, also for GPU training. CUDA tensors over RPC need
 per-pair device maps and CUDA-stream synchronisation with the training loop that the RPC threads do not see; the
