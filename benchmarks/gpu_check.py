@@ -580,6 +580,8 @@ CHECKS: dict[str, Callable[[torch.device, Sizes], Result]] = {
 
 def run_check(name: str, device: torch.device, sizes: Sizes) -> Result:
     """Run one check in this process; an exception is a FAIL that names it."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # process groups bind to an indexed device
     start = time.perf_counter()
     try:
         result = CHECKS[name](device, sizes)

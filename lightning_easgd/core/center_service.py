@@ -141,7 +141,7 @@ class CenterShard:
         return future
 
     def _apply(self, worker: int, x: list[Tensor]) -> ExchangeReply:
-        # Whole-slice and foreach passes: a handful of kernels per exchange whatever the number of tensors.
+        # Whole-slice and foreach passes, each on torch's intra-op threads (RPC threads share the process's count).
         diffs = torch._foreach_sub(x, self.values)
         center_sq = float(torch.stack(torch._foreach_norm(self.values, 2, dtype=torch.float64)).square().sum())
         row = self._worker_sq[worker].zero_()
