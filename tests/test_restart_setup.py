@@ -58,3 +58,25 @@ def test_restart_goes_through_lightnings_setup_on_a_namespaced_store(
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_restarted_nccl_group_is_destroyed_at_exit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning.fabric.utilities import distributed as fabric_distributed
+    from lightning.pytorch.accelerators import CUDAAccelerator
+
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    registered: list[Any] = []
+    monkeypatch.setattr(fabric_distributed.atexit, "register", registered.append)
+    strategy = EASGDStrategy(accelerator=CUDAAccelerator(), parallel_devices=[torch.device("cuda", 0)],
+                             cluster_environment=LightningEnvironment())
+    try:
+        strategy.setup_distributed()
+        assert dist.get_backend() == "nccl"
+        assert registered == [fabric_distributed._destroy_dist_connection]
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
