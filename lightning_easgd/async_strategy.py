@@ -23,6 +23,7 @@ from typing_extensions import override
 
 from lightning_easgd.core import DEFAULT_BETA
 from lightning_easgd.core.async_averager import AsyncElasticAverager, async_stability_warning, validate_order
+from lightning_easgd.core.center_service import validate_transport
 from lightning_easgd.core.worker import NonFinitePolicy
 from lightning_easgd.strategy import EASGDStrategy
 
@@ -60,6 +61,10 @@ class AsyncEASGDStrategy(EASGDStrategy):
             :class:`~lightning_easgd.core.NonFiniteWorkerError` before sending anything, so the center stays
             finite. ``"reset"``: it skips that exchange and restarts from the current center with empty optimizer
             state (warned on rank 0 when rank 0 is reset).
+        rpc_transport: ``"tcp"`` (default): the center's slices travel over TCP on every link, which works
+            everywhere and leaves every CPU core to training. ``"fast"``: InfiniBand verbs between hosts and shared
+            memory within a host, where TensorPipe finds them usable (TCP for the rest); they busy-poll one CPU core
+            per process, so choose it when each rank has a spare core (typical GPU nodes). See docs/async.md.
         bucket_cap_mb: size of the buffers of the initial broadcast of rank 0's weights (exchanges send one
             message per owner).
         save_worker_states, accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
@@ -69,7 +74,7 @@ class AsyncEASGDStrategy(EASGDStrategy):
     0 ≤ η ≤ 2, 0 ≤ α ≤ (4 − 2η)/(4 − η) (a quadratic with normalized curvature; exact only for that case).
 
     Raises:
-        ValueError: for an invalid ``order``, and everything :class:`EASGDStrategy` refuses.
+        ValueError: for an invalid ``order`` or ``rpc_transport``, and everything :class:`EASGDStrategy` refuses.
     """
 
     strategy_name = "easgd_async"
@@ -80,6 +85,7 @@ class AsyncEASGDStrategy(EASGDStrategy):
         alpha: float | None = None,
         beta: float = DEFAULT_BETA,
         order: Literal["free", "round_robin"] = "free",
+        rpc_transport: Literal["tcp", "fast"] = "tcp",
         overlap: bool = True,
         bucket_cap_mb: float = 25.0,
         save_worker_states: bool = True,
@@ -95,6 +101,7 @@ class AsyncEASGDStrategy(EASGDStrategy):
         **kwargs: Any,
     ) -> None:
         self.order = validate_order(order)
+        self.rpc_transport = validate_transport(rpc_transport)
         super().__init__(
             tau=tau, alpha=alpha, beta=beta, overlap=overlap, bucket_cap_mb=bucket_cap_mb,
             save_worker_states=save_worker_states, on_nonfinite=on_nonfinite, accelerator=accelerator,
@@ -120,7 +127,8 @@ class AsyncEASGDStrategy(EASGDStrategy):
                 rank_zero_warn(warning)
         self._interrupted = False
         return AsyncElasticAverager(elastic, tau=self.tau, alpha=alpha, order=self.order, overlap=self.overlap,
-                                    on_nonfinite=self.on_nonfinite, timeout=self._timeout)
+                                    on_nonfinite=self.on_nonfinite, timeout=self._timeout,
+                                    rpc_transport=self.rpc_transport)
 
     @override
     def on_exception(self, exception: BaseException) -> None:

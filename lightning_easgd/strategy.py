@@ -20,6 +20,7 @@ import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import _StrategyRegistry
+from lightning.fabric.utilities.distributed import _init_dist_connection
 from lightning.fabric.utilities.optimizer import _optimizer_to_device, _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import _PATH
@@ -42,6 +43,7 @@ from lightning_easgd.checkpoint_io import AtomicCheckpointIO
 from lightning_easgd.core import DEFAULT_BETA, ElasticAverager, broadcast_tensors, resolve_alpha
 from lightning_easgd.core.hyperparams import validate_alpha, validate_beta, validate_tau
 from lightning_easgd.core.worker import ElasticWorker, NonFinitePolicy
+from lightning_easgd.guards import PerStepSyncGuard, refuse_weight_averaging
 from lightning_easgd.rng import capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
@@ -168,6 +170,7 @@ class EASGDStrategy(DDPStrategy):
         self._workers: list[dict[str, Any]] | None = None  # saved worker states awaiting the optimizer restore
         self._pending_rng: dict[str, Any] | None = None
         self._patched_loop: Any = None  # the training epoch loop whose per-batch SIGTERM broadcast is replaced
+        self._sync_guard = PerStepSyncGuard()
 
     # ------------------------------------------------------------------ properties
 
@@ -205,7 +208,8 @@ class EASGDStrategy(DDPStrategy):
             return
         # TorchElastic restarted the workers (after a crash, say). Its store can still hold the previous attempt's
         # process-group addresses, and a rank that reads one before the restarted peer overwrites it dials a dead
-        # port. Namespacing the store by attempt makes every restart rendezvous afresh.
+        # port. Namespacing the store by attempt makes every restart rendezvous afresh. The rest is DDPStrategy's own
+        # setup (Lightning's _init_dist_connection), so a restarted NCCL group is destroyed at exit like a first one.
         reset_seed()
         self.set_world_ranks()
         self._process_group_backend = self._get_process_group_backend()
@@ -214,11 +218,12 @@ class EASGDStrategy(DDPStrategy):
         os.environ["MASTER_PORT"] = str(self.cluster_environment.main_port)
         timeout = self._timeout or default_pg_timeout
         store, _, _ = next(dist.rendezvous("env://", self.global_rank, self.world_size, timeout=timeout))
-        dist.init_process_group(
+        _init_dist_connection(
+            self.cluster_environment,
             self._process_group_backend,
+            self.global_rank,
+            self.world_size,
             store=dist.PrefixStore(f"lightning_easgd/attempt_{attempt}", store),
-            rank=self.global_rank,
-            world_size=self.world_size,
             timeout=timeout,
             device_id=self.root_device if self.root_device.type != "cpu" else None,
         )
@@ -226,6 +231,8 @@ class EASGDStrategy(DDPStrategy):
     @override
     def setup(self, trainer: Trainer) -> None:
         assert self.accelerator is not None and self.model is not None
+        if trainer.state.fn == TrainerFn.FITTING:
+            refuse_weight_averaging(trainer.callbacks)
         self.accelerator.setup(trainer)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
@@ -304,6 +311,7 @@ class EASGDStrategy(DDPStrategy):
         assert self._averager is not None
         with self._averager.step():
             output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        self._sync_guard.check(self.lightning_module.trainer)
         for step, ranks in self._averager.pop_resets():
             rank_zero_warn(
                 f"EASGD: worker(s) {', '.join(map(str, ranks))} had non-finite weights at optimizer step {step}; "

@@ -32,7 +32,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.futures import Future
 
-from lightning_easgd.core.center_service import CenterService, ExchangeReply
+from lightning_easgd.core.center_service import CenterService, ExchangeReply, validate_transport
+from lightning_easgd.core.staging import HostStaging
 from lightning_easgd.core.worker import ElasticWorker, ExchangeStats, NonFinitePolicy, NonFiniteWorkerError
 
 ORDERS = ("free", "round_robin")
@@ -94,6 +95,14 @@ class AsyncElasticAverager(ElasticWorker):
         timeout: how long any wait on other ranks (an exchange, a snapshot barrier, the shutdown) may last before
             raising :class:`~lightning_easgd.core.ExchangeError` (default 30 minutes).
         group: process group of the workers (default: the world).
+        rpc_transport: ``"tcp"`` (default) or ``"fast"``: which TensorPipe transports carry the slices (see
+            :class:`~lightning_easgd.core.center_service.CenterService`).
+
+    On CUDA the slices go to the host and the replies back on a side stream through pinned buffers: an exchange
+    waits on the host only for the copy of x (and the work queued before it), never for the device as a whole.
+    Memory besides the model: two model-sized device buffers (x at the exchange, the replies) and the center's
+    snapshot on the device; on the host, one model's worth of send buffers (pinned on CUDA), as much for the
+    replies on CUDA, and this rank's 1/p slice of the center.
 
     Statistics (:meth:`track_distances`, nothing extra is communicated): at its exchange a worker knows its own
     ‖x_i − x̃‖ exactly, and the owners tell it every other worker's distance at that worker's most recent exchange
@@ -120,12 +129,14 @@ class AsyncElasticAverager(ElasticWorker):
         on_nonfinite: NonFinitePolicy = "raise",
         timeout: timedelta | None = None,
         group: dist.ProcessGroup | None = None,
+        rpc_transport: str = "tcp",
     ) -> None:
         # One flat vector per (device, dtype) group: the "flattened parameters" whose slices the ranks own.
         total_mb = sum(t.numel() * t.element_size() for _, t in named_tensors) / 2**20
         super().__init__(named_tensors, tau=tau, alpha=alpha, bucket_cap_mb=total_mb + 1.0, overlap=overlap,
                          on_nonfinite=on_nonfinite, timeout=timeout)
         self.order = validate_order(order)
+        validate_transport(rpc_transport)
         segments = []
         for bucket in self.layout.buckets:
             offsets, start = [], 0
@@ -139,16 +150,19 @@ class AsyncElasticAverager(ElasticWorker):
         self._diff_views = self.layout.views(self._diff)
         self._local_views = self._snap_views
         self.service = CenterService(self._center, segments, num_tensors=len(self.tensors), alpha=self.alpha,
-                                     timeout=(timeout or DEFAULT_TIMEOUT).total_seconds(), group=group)
+                                     timeout=(timeout or DEFAULT_TIMEOUT).total_seconds(), group=group,
+                                     transport=rpc_transport)
         self.world_size = self.service.world_size
         self.rank = self.service.rank
-        pin = any(b.device.type == "cuda" for b in self.layout.buckets)
-        # Host buffers, one per owner and group: what each owner is sent (contiguous, so RPC sends only them).
-        self._send = [
-            [torch.empty(hi - lo, dtype=b.dtype, pin_memory=pin) for b, (lo, hi) in
-             zip(self.layout.buckets, self.service.owner_bounds(r))]
-            for r in range(self.world_size)
-        ]
+        self._staging = HostStaging([b.device for b in self.layout.buckets])
+        # Host buffers per owner and group: what each owner is sent (contiguous, so RPC sends only them) and, on
+        # CUDA, pinned copies of its replies for the asynchronous upload. One model's worth each, on the host.
+        self._send = [[self._staging.empty(hi - lo, b.dtype) for b, (lo, hi) in
+                       zip(self.layout.buckets, self.service.owner_bounds(r))] for r in range(self.world_size)]
+        self._recv = [[self._staging.empty(hi - lo, b.dtype) for b, (lo, hi) in
+                       zip(self.layout.buckets, self.service.owner_bounds(r))] for r in range(self.world_size)
+                      ] if self._staging.pinned else None
+        self._finite = self._staging.empty(len(self.layout.buckets), torch.bool)
         self._seen = [0] * self.world_size  # per owner: the slice version right after our last update of it
         self._exchanges = 0
         self._pending: list[Future[ExchangeReply]] | None = None
@@ -192,25 +206,26 @@ class AsyncElasticAverager(ElasticWorker):
         self._exchanges += 1
         with torch.no_grad():
             torch._foreach_copy_(self._snap_views, self.tensors)
-            if not all(bool(flat.isfinite().all()) for flat in self._snap):
-                if self.on_nonfinite == "raise":
-                    raise NonFiniteWorkerError(
-                        f"EASGD: worker {self.rank} of {self.world_size} has non-finite parameters or buffers at "
-                        f"optimizer step {self.clock}. Its exchange was not sent, so the center keeps only finite "
-                        "updates; lower the learning rate, or pass on_nonfinite='reset' to reset diverged workers "
-                        "to the center."
-                    )
-                self._reset_due = True  # after the step, so that the step's own non-finite update is discarded
-                return
-            futures = []
+            # max |x| per bucket: NaN and inf propagate, finite values never overflow, and no model-sized
+            # temporary is made; the flags travel to the host with the slices, in the same wait.
+            flags = [norm.isfinite().view(1) for norm in torch._foreach_norm(self._snap, float("inf"))]
+            pairs = [(self._finite[i : i + 1], flag) for i, flag in enumerate(flags)]
             for owner in range(self.world_size):
-                bounds = self.service.owner_bounds(owner)
-                for buf, flat, (lo, hi) in zip(self._send[owner], self._snap, bounds):
-                    buf.copy_(flat[lo:hi], non_blocking=buf.is_pinned())
-                if any(buf.is_pinned() for buf in self._send[owner]):
-                    torch.cuda.current_stream().synchronize()
-                futures.append(self.service.exchange(owner, self.rank, self._send[owner], turn))
-        self._pending = futures
+                for buf, flat, (lo, hi) in zip(self._send[owner], self._snap, self.service.owner_bounds(owner)):
+                    pairs.append((buf, flat[lo:hi]))
+            self._staging.download(pairs)
+        if not bool(self._finite.all()):
+            if self.on_nonfinite == "raise":
+                raise NonFiniteWorkerError(
+                    f"EASGD: worker {self.rank} of {self.world_size} has non-finite parameters or buffers at "
+                    f"optimizer step {self.clock}. Its exchange was not sent, so the center keeps only finite "
+                    "updates; lower the learning rate, or pass on_nonfinite='reset' to reset diverged workers to "
+                    "the center."
+                )
+            self._reset_due = True  # after the step, so that the step's own non-finite update is discarded
+            return
+        self._pending = [self.service.exchange(owner, self.rank, self._send[owner], turn)
+                         for owner in range(self.world_size)]
         self._wait_s = 0.0
         if not self.overlap:
             self._collect()
@@ -231,10 +246,16 @@ class AsyncElasticAverager(ElasticWorker):
     def _end(self) -> None:
         if self._pending is not None:
             replies = self._replies if not self.overlap else self._collect()
+            self._staging.release()  # the previous exchange's upload has read the reply buffers
+            pairs = []
+            for owner, reply in enumerate(replies):
+                bounds = self.service.owner_bounds(owner)
+                for g, (flat, diff, (lo, hi)) in enumerate(zip(self._diff, reply.diffs, bounds)):
+                    if self._recv is not None:  # into pinned memory, from which the upload is asynchronous
+                        diff = self._recv[owner][g].copy_(diff)
+                    pairs.append((flat[lo:hi], diff))
             with torch.no_grad():
-                for owner, reply in enumerate(replies):
-                    for flat, diff, (lo, hi) in zip(self._diff, reply.diffs, self.service.owner_bounds(owner)):
-                        flat[lo:hi].copy_(diff, non_blocking=True)
+                self._staging.upload(pairs)
                 torch._foreach_add_(self.tensors, self._diff_views, alpha=-self.alpha)
             lags = [reply.version - self._seen[owner] for owner, reply in enumerate(replies)]
             self._seen = [reply.version + 1 for reply in replies]
@@ -253,9 +274,8 @@ class AsyncElasticAverager(ElasticWorker):
     # ------------------------------------------------------------------ statistics
 
     def _record_stats(self, replies: list[ExchangeReply], lags: list[int]) -> None:
+        # Every owner's table already holds this worker's fresh row for its slice: summed, the exact ‖x − x̃‖².
         table = torch.stack([r.worker_sq for r in replies]).sum(0)
-        own = torch.stack(torch._foreach_norm(self._diff_views, 2, dtype=torch.float64)).cpu()
-        table[self.rank] = own.square()
         extra = {
             "version_lag": sum(lags) / len(lags),
             "version_lag_max": float(max(lags)),
