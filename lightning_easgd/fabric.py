@@ -42,7 +42,7 @@ from lightning_easgd.checkpoint_io import AtomicCheckpointIO
 from lightning_easgd.core import DEFAULT_BETA, ElasticAverager, resolve_alpha
 from lightning_easgd.core.worker import NonFinitePolicy
 from lightning_easgd.module_state import elastic_tensors, state_with
-from lightning_easgd.options import refuse_ddp_options, validate_exchange_options
+from lightning_easgd.options import ExchangeOptions, refuse_ddp_options
 from lightning_easgd.rng import capture_rng_state, restore_rng_state
 from lightning_easgd.worker_files import (
     describe_resize,
@@ -130,8 +130,7 @@ class EASGDFabricStrategy(DDPStrategy):
         **kwargs: Any,
     ) -> None:
         refuse_ddp_options(kwargs, type(self).__name__)
-        (self.tau, self._alpha, self.beta, self.overlap, self.bucket_cap_mb, self.save_worker_states,
-         self.on_nonfinite, timeout) = validate_exchange_options(
+        options = ExchangeOptions.validated(
             tau=tau, alpha=alpha, beta=beta, overlap=overlap, bucket_cap_mb=bucket_cap_mb,
             save_worker_states=save_worker_states, on_nonfinite=on_nonfinite, timeout=timeout,
             start_method=start_method,
@@ -143,9 +142,16 @@ class EASGDFabricStrategy(DDPStrategy):
             checkpoint_io=AtomicCheckpointIO() if checkpoint_io is None else checkpoint_io,
             precision=precision,
             process_group_backend=process_group_backend,
-            timeout=timeout,
+            timeout=options.timeout,
             start_method=start_method,
         )
+        self.tau = options.tau
+        self._alpha = options.alpha
+        self.beta = options.beta
+        self.overlap = options.overlap
+        self.bucket_cap_mb = options.bucket_cap_mb
+        self.save_worker_states = options.save_worker_states
+        self.on_nonfinite: NonFinitePolicy = options.on_nonfinite
         self._backward_sync_control = _NoGradientSync()
         self._averager: ElasticAverager | None = None
         self._module: Module | None = None

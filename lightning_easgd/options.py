@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -28,43 +29,57 @@ _DDP_COMM_OPTIONS = {
 _DDP_WRAPPER_OPTIONS = frozenset(inspect.signature(DistributedDataParallel.__init__).parameters) - {"self", "module"}
 
 
-def validate_exchange_options(
-    *,
-    tau: object,
-    alpha: object,
-    beta: object,
-    overlap: object,
-    bucket_cap_mb: object,
-    save_worker_states: object,
-    on_nonfinite: object,
-    timeout: object,
-    start_method: object,
-) -> tuple[int, float | None, float, bool, float, bool, NonFinitePolicy, timedelta | None]:
-    """Check an adapter's EASGD options and return them normalised.
+@dataclass(frozen=True)
+class ExchangeOptions:
+    """The EASGD options an adapter takes, checked; build it with :meth:`validated`.
 
-    Returns:
-        ``(tau, alpha, beta, overlap, bucket_cap_mb, save_worker_states, on_nonfinite, timeout)``; ``alpha`` stays
-        None when not given (it is resolved from β and the number of workers at setup).
-
-    Raises:
-        ValueError: naming the first invalid option, the value given and what is allowed.
+    ``alpha`` stays None when not given: it is resolved from β and the number of workers at setup.
     """
-    tau_ = validate_tau(tau)
-    alpha_ = None if alpha is None else validate_alpha(alpha)
-    beta_ = validate_beta(beta)
-    if not isinstance(overlap, bool):
-        raise ValueError(f"overlap={overlap!r} is invalid: it must be True or False")
-    if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not bucket_cap_mb > 0:
-        raise ValueError(f"bucket_cap_mb={bucket_cap_mb!r} is invalid: it must be a number > 0 (megabytes)")
-    if not isinstance(save_worker_states, bool):
-        raise ValueError(f"save_worker_states={save_worker_states!r} is invalid: it must be True or False")
-    if on_nonfinite not in ("raise", "reset"):
-        raise ValueError(f"on_nonfinite={on_nonfinite!r} is invalid: choose 'raise' or 'reset'")
-    if timeout is not None and (not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0):
-        raise ValueError(f"timeout={timeout!r} is invalid: it must be a positive datetime.timedelta")
-    if start_method not in START_METHODS:
-        raise ValueError(f"start_method={start_method!r} is invalid: choose one of {', '.join(START_METHODS)}")
-    return tau_, alpha_, beta_, overlap, float(bucket_cap_mb), save_worker_states, on_nonfinite, timeout  # type: ignore[return-value]
+
+    tau: int
+    alpha: float | None
+    beta: float
+    overlap: bool
+    bucket_cap_mb: float
+    save_worker_states: bool
+    on_nonfinite: NonFinitePolicy
+    timeout: timedelta | None
+
+    @classmethod
+    def validated(
+        cls,
+        *,
+        tau: object,
+        alpha: object,
+        beta: object,
+        overlap: object,
+        bucket_cap_mb: object,
+        save_worker_states: object,
+        on_nonfinite: object,
+        timeout: object,
+        start_method: object,
+    ) -> ExchangeOptions:
+        """Check the options (``start_method`` too, which the launcher uses) and return them normalised.
+
+        Raises:
+            ValueError: naming the first invalid option, the value given and what is allowed.
+        """
+        tau_ = validate_tau(tau)
+        alpha_ = None if alpha is None else validate_alpha(alpha)
+        beta_ = validate_beta(beta)
+        if not isinstance(overlap, bool):
+            raise ValueError(f"overlap={overlap!r} is invalid: it must be True or False")
+        if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not bucket_cap_mb > 0:
+            raise ValueError(f"bucket_cap_mb={bucket_cap_mb!r} is invalid: it must be a number > 0 (megabytes)")
+        if not isinstance(save_worker_states, bool):
+            raise ValueError(f"save_worker_states={save_worker_states!r} is invalid: it must be True or False")
+        if on_nonfinite not in ("raise", "reset"):
+            raise ValueError(f"on_nonfinite={on_nonfinite!r} is invalid: choose 'raise' or 'reset'")
+        if timeout is not None and (not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0):
+            raise ValueError(f"timeout={timeout!r} is invalid: it must be a positive datetime.timedelta")
+        if start_method not in START_METHODS:
+            raise ValueError(f"start_method={start_method!r} is invalid: choose one of {', '.join(START_METHODS)}")
+        return cls(tau_, alpha_, beta_, overlap, float(bucket_cap_mb), save_worker_states, on_nonfinite, timeout)
 
 
 def refuse_ddp_options(kwargs: Mapping[str, Any], owner: str) -> None:
