@@ -18,7 +18,7 @@ from conftest import SEED, assert_close
 from lightning.fabric import Fabric
 from lightning.fabric.strategies import STRATEGY_REGISTRY
 from lightning.pytorch.strategies import StrategyRegistry
-from toy import COUNTS, ToyRegressor, count_collectives, make_dataset, replay_easgd, twins
+from toy import COUNTS, NaNLossRegressor, ToyRegressor, count_collectives, make_dataset, replay_easgd, twins
 from torch.nn.functional import mse_loss
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -67,7 +67,10 @@ def _loop(fabric: Fabric, module: ToyRegressor, dataset: TensorDataset, out: Pat
                 optimizer.step(step_closure)
             else:
                 optimizer.zero_grad()
-                fabric.backward(mse_loss(model(x), y))
+                loss = mse_loss(model(x), y)
+                if isinstance(module, NaNLossRegressor):
+                    loss = module.poison(loss, (fabric.global_rank, strategy.averager.clock))
+                fabric.backward(loss)
                 optimizer.step()
             rec["collectives"].append({k: n - before.get(k, 0) for k, n in COUNTS.items() if n != before.get(k, 0)})
         if save is not None:
@@ -239,6 +242,21 @@ def test_batchnorm_buffers_and_distance_statistics(tmp_path: Path) -> None:
                 layers = dict(zip(names, got.layer_distances[r].tolist()))
                 assert layers == pytest.approx(want["layers"][r], rel=1e-9, abs=1e-12)
     assert not torch.equal(records[0]["center"]["net.1.running_mean"], init.net[1].running_mean)
+
+
+def test_reset_policy_drops_and_restarts_the_diverged_worker(tmp_path: Path, warnings_: Any) -> None:
+    """Worker 1's loss is NaN at step 3; the exchange at step 4 leaves it out and resets it, momentum cleared."""
+    module, init = twins(NaNLossRegressor, 40, nan_rank=1, nan_step=3, momentum=0.9)
+    dataset = make_dataset(48)
+    records = run(2, EASGDFabricStrategy(tau=2, on_nonfinite="reset", start_method="fork"), tmp_path, module,
+                  dataset, epochs=1, batch_size=4)
+    assert "worker(s) 1 had non-finite weights at optimizer step 4" in warnings_()
+    expected = replay_easgd(init, dataset, p=2, tau=2, alpha=0.45, epochs=1, batch_size=4, seed=SEED,
+                            reset_nonfinite=True)
+    for rank, rec in enumerate(records):
+        assert all(v.isfinite().all() for v in rec["local"].values())
+        assert_close(rec["local"], expected.workers[rank], ATOL, f"worker {rank}")
+        assert_close(rec["center"], expected.center, ATOL, "center")
 
 
 # ---------------------------------------------------------------------- checkpoints
