@@ -38,7 +38,7 @@ def run(p: int, strategy: EASGDFabricStrategy, out: Path, module: ToyRegressor, 
 
 
 def _loop(fabric: Fabric, module: ToyRegressor, dataset: TensorDataset, out: Path, *, epochs: int,
-          batch_size: int, first_epoch: int = 0, closure: bool = False, load: Path | None = None,
+          batch_size: int, first_epoch: int = 0, closure: bool = False, accumulate: int = 1, load: Path | None = None,
           save: Path | None = None, probe_center: bool = False) -> None:
     model, optimizer = fabric.setup(module, module.configure_optimizers())
     loader = fabric.setup_dataloaders(DataLoader(dataset, batch_size=batch_size, shuffle=True))
@@ -55,9 +55,18 @@ def _loop(fabric: Fabric, module: ToyRegressor, dataset: TensorDataset, out: Pat
         "collectives": [],
     }
     for epoch in range(first_epoch, epochs):
-        for x, y in loader:
+        batches = list(loader)
+        for start in range(0, len(batches), accumulate):
             before = dict(COUNTS)
-            if closure:
+            x, y = batches[start]
+            if accumulate > 1:
+                optimizer.zero_grad()
+                micro = batches[start : start + accumulate]
+                for i, (x, y) in enumerate(micro):
+                    with fabric.no_backward_sync(model, enabled=i < len(micro) - 1):  # a no-op under EASGD
+                        fabric.backward(mse_loss(model(x), y) / len(micro))
+                optimizer.step()
+            elif closure:
                 def step_closure() -> torch.Tensor:
                     optimizer.zero_grad()
                     loss = mse_loss(model(x), y)
@@ -218,6 +227,19 @@ def test_matches_replay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, p: int,
         assert rec["optim_untouched"]
         assert_close(rec["adopted"], expected.center, ATOL, f"rank {rank} after adopt_center()")
     assert not torch.equal(records[0]["local"]["net.0.weight"], records[1]["local"]["net.0.weight"])
+
+
+def test_gradient_accumulation(tmp_path: Path) -> None:
+    """Several forward/backward passes per optimizer.step(): one tick of the clock, the step opens at the first."""
+    module, init = twins(ToyRegressor, 2, momentum=0.9, nesterov=True)
+    dataset = make_dataset(48)
+    records = run(2, EASGDFabricStrategy(tau=2, start_method="fork"), tmp_path, module, dataset, epochs=1,
+                  batch_size=3, accumulate=2)
+    expected = replay_easgd(init, dataset, p=2, tau=2, alpha=0.45, epochs=1, batch_size=3, seed=SEED, accumulate=2)
+    for rank, rec in enumerate(records):
+        assert len(rec["collectives"]) == 4 and [s.step for s in rec["stats"]] == [2]
+        assert_close(rec["local"], expected.workers[rank], ATOL, f"worker {rank}")
+        assert_close(rec["center"], expected.center, ATOL, "center")
 
 
 def test_batchnorm_buffers_and_distance_statistics(tmp_path: Path) -> None:
