@@ -2,25 +2,31 @@
 
 Importing the package registers the strategy names ``easgd`` (popen launcher), ``easgd_spawn`` and ``easgd_fork``,
 and for asynchronous EASGD ``easgd_async``, ``easgd_async_spawn`` and ``easgd_async_fork``, with Lightning's
-strategy registry, so ``Trainer(strategy="easgd")`` works after ``import lightning_easgd``.
+strategy registry, so ``Trainer(strategy="easgd")`` works after ``import lightning_easgd``. Fabric has a registry of
+its own: ``easgd``, ``easgd_spawn`` and ``easgd_fork`` there give :class:`EASGDFabricStrategy`, so
+``Fabric(strategy="easgd")`` works too.
 """
 
+from lightning.fabric.strategies import STRATEGY_REGISTRY as FABRIC_STRATEGY_REGISTRY
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_easgd.async_strategy import AsyncEASGDStrategy
 from lightning_easgd.callbacks import ElasticDistanceMonitor
 from lightning_easgd.core import ElasticAverager, ExchangeStats
 from lightning_easgd.core.async_averager import AsyncElasticAverager
+from lightning_easgd.fabric import EASGDFabricStrategy
 from lightning_easgd.strategy import EASGDStrategy
 
 __version__ = "0.1.0"
 
 EASGDStrategy.register_strategies(StrategyRegistry)
 AsyncEASGDStrategy.register_strategies(StrategyRegistry)
+EASGDFabricStrategy.register_strategies(FABRIC_STRATEGY_REGISTRY)
 
 __all__ = [
     "AsyncEASGDStrategy",
     "AsyncElasticAverager",
+    "EASGDFabricStrategy",
     "EASGDStrategy",
     "ElasticAverager",
     "ElasticDistanceMonitor",

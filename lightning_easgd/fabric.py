@@ -1,0 +1,459 @@
+"""EASGDFabricStrategy: Elastic Averaging SGD for a training loop written with Lightning Fabric.
+
+The Fabric twin of :class:`~lightning_easgd.EASGDStrategy`, over the same core
+(:class:`~lightning_easgd.core.ElasticAverager`). It subclasses Fabric's
+:class:`~lightning.fabric.strategies.DDPStrategy` for the launchers, cluster environments, process-group setup and
+the DistributedSampler, and never wraps the module in DistributedDataParallel: between exchanges nothing is
+communicated.
+
+Where the exchange happens in a Fabric loop (``forward → fabric.backward → optimizer.step``): the strategy opens
+the step at the step's first training forward pass (module in training mode, autograd on), and measures d_i = x_i − x̃
+there, before that forward changes BatchNorm's running statistics, which is where the Trainer strategy measures
+it; if the step has no such forward (a closure passed to ``optimizer.step``), at ``optimizer.step()``. The step
+closes after the optimizer's update, with the elastic pull. So with ``overlap=True`` the all-reduce runs during the
+forward, the backward and the optimizer update.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from datetime import timedelta
+from typing import Any, Literal
+
+import torch
+from lightning.fabric.accelerators import Accelerator
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, Precision
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies import DDPStrategy
+from lightning.fabric.strategies.registry import _StrategyRegistry
+from lightning.fabric.strategies.strategy import _BackwardSyncControl
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
+from lightning.fabric.utilities.types import _PATH, Optimizable
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor
+from torch.nn import Module
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
+
+from lightning_easgd.checkpoint_io import AtomicCheckpointIO
+from lightning_easgd.core import DEFAULT_BETA, ElasticAverager, resolve_alpha
+from lightning_easgd.core.worker import NonFinitePolicy
+from lightning_easgd.module_state import elastic_tensors, state_with
+from lightning_easgd.options import ExchangeOptions, refuse_ddp_options
+from lightning_easgd.rng import capture_rng_state, restore_rng_state
+from lightning_easgd.worker_files import (
+    describe_resize,
+    new_worker_directory,
+    prune_worker_directories,
+    read_worker_state,
+    write_worker_state,
+)
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KEY = "easgd"
+"""Where ``fabric.save`` keeps the strategy's metadata (the center itself is the model's entry)."""
+CHECKPOINT_FORMAT = 1
+
+
+class EASGDFabricStrategy(DDPStrategy):
+    """Synchronous Elastic Averaging SGD (Zhang, Choromanska & LeCun, NIPS 2015, Eq. 5-6) for Fabric.
+
+    Each of the p workers trains its own copy x_i with its own optimizer. Every ``optimizer.step()`` is one tick
+    of the clock t; at the start of every step with t > 0 and t % tau == 0 each worker takes d_i = x_i − x̃ and,
+    after its optimizer's update, x_i −= α·d_i and x̃ += α·Σ_i d_i, with Σ_i d_i from one SUM all-reduce. The center
+    x̃ is replicated, bit-identical, on every rank. ``torch.optim.SGD`` gives EASGD, ``SGD(momentum=δ,
+    nesterov=True)`` gives EAMSGD.
+
+    Use::
+
+        fabric = Fabric(strategy=EASGDFabricStrategy(tau=4))  # or Fabric(strategy="easgd")
+        fabric.launch()
+        model, optimizer = fabric.setup(model, optimizer)      # one model per run
+        ...                                                    # forward, fabric.backward(loss), optimizer.step()
+        with fabric.strategy.center():                         # evaluate the center
+            ...
+        fabric.save(path, {"model": model, "optimizer": optimizer, ...})   # center + each worker's state
+        fabric.strategy.adopt_center()                         # end: the model holds the center for good
+
+    What takes part in the exchange: every parameter and floating-point buffer of the model; integer buffers stay
+    local. All ranks start from rank 0's weights (broadcast by ``fabric.setup``).
+
+    Args:
+        tau: communication period τ, in ``optimizer.step()`` calls (every call of every set-up optimizer counts).
+        alpha: moving rate α = ηρ in (0, 1). Default: α = β/p.
+        beta: β = p·α used when ``alpha`` is None; the paper uses 0.9. Must be < 2; values above 1 warn.
+        overlap: start the all-reduce when the step opens (its first training forward pass) and wait for it after
+            the optimizer's update (True), or wait for it before the step's forward runs (False). Same arithmetic.
+        bucket_cap_mb: size of the flat buffers that each all-reduce carries.
+        save_worker_states: ``fabric.save`` also writes every worker's local weights, optimizer state and RNG state,
+            each by its own rank to its own file beside the checkpoint (see :mod:`lightning_easgd.worker_files`),
+            so that ``fabric.load`` reproduces the uninterrupted run. Without them a resumed run restarts every
+            worker from the center.
+        on_nonfinite: the divergence guard. ``"raise"`` (default): every rank raises
+            :class:`~lightning_easgd.core.NonFiniteWorkerError` naming the workers and the step. ``"reset"``: the
+            diverged workers' contributions are dropped, they restart from the center with empty optimizer state,
+            and a warning names them.
+        timeout: how long collectives, the exchange included, may wait for a peer before failing with an error.
+        accelerator, parallel_devices, cluster_environment, checkpoint_io, precision, process_group_backend,
+        start_method: as for :class:`~lightning.fabric.strategies.DDPStrategy`; ``checkpoint_io`` defaults to
+            :class:`~lightning_easgd.checkpoint_io.AtomicCheckpointIO`.
+
+    Raises:
+        ValueError: for an invalid option (same checks and messages as :class:`~lightning_easgd.EASGDStrategy`),
+            and for options of DistributedDataParallel, which EASGD does not use.
+        TypeError: for any other unknown keyword argument.
+    """
+
+    strategy_name = "easgd"
+
+    def __init__(
+        self,
+        tau: int = 10,
+        alpha: float | None = None,
+        beta: float = DEFAULT_BETA,
+        overlap: bool = True,
+        bucket_cap_mb: float = 25.0,
+        save_worker_states: bool = True,
+        on_nonfinite: NonFinitePolicy = "raise",
+        accelerator: Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision: Precision | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        **kwargs: Any,
+    ) -> None:
+        refuse_ddp_options(kwargs, type(self).__name__)
+        options = ExchangeOptions.validated(
+            tau=tau, alpha=alpha, beta=beta, overlap=overlap, bucket_cap_mb=bucket_cap_mb,
+            save_worker_states=save_worker_states, on_nonfinite=on_nonfinite, timeout=timeout,
+            start_method=start_method,
+        )
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=AtomicCheckpointIO() if checkpoint_io is None else checkpoint_io,
+            precision=precision,
+            process_group_backend=process_group_backend,
+            timeout=options.timeout,
+            start_method=start_method,
+        )
+        self.tau = options.tau
+        self._alpha = options.alpha
+        self.beta = options.beta
+        self.overlap = options.overlap
+        self.bucket_cap_mb = options.bucket_cap_mb
+        self.save_worker_states = options.save_worker_states
+        self.on_nonfinite: NonFinitePolicy = options.on_nonfinite
+        self._backward_sync_control = _NoGradientSync()
+        self._averager: ElasticAverager | None = None
+        self._module: Module | None = None
+        self._optimizers: list[Optimizer] = []
+        self._state_keys: dict[str, int] = {}  # state_dict key -> index of the averaged tensor it names
+        self._hook: RemovableHandle | None = None
+        self._step: ExitStack | None = None  # the optimizer step in progress (opened, not yet closed)
+        self._exchange_in_flight = False  # whether that step started an exchange
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def averager(self) -> ElasticAverager | None:
+        """The exchange between this worker and the center (statistics: ``averager.track_distances()`` and
+        ``averager.pop_stats()``); None before ``fabric.setup`` and after :meth:`adopt_center`."""
+        return self._averager
+
+    @property
+    def alpha(self) -> float | None:
+        """The moving rate in use (resolved from β and the world size at setup when not given)."""
+        return self._averager.alpha if self._averager is not None else self._alpha
+
+    # ------------------------------------------------------------------ setup
+
+    @override
+    def setup_module(self, module: Module) -> Module:
+        """Broadcast rank 0's weights, start the exchange over the module's tensors; the module is not wrapped."""
+        if self._module is not None:
+            raise ValueError(
+                f"{type(self).__name__} trains one model per run, and fabric.setup() was already called with a "
+                f"{type(self._module).__name__}; EASGD averages that model's weights with its center."
+            )
+        if self.world_size < 2:
+            rank_zero_warn(
+                f"{type(self).__name__} is running with a single worker: EASGD needs at least 2 workers to average; "
+                "the elastic pull still runs, without any communication."
+            )
+        alpha, warning = resolve_alpha(self._alpha, self.beta, self.world_size)
+        if warning:
+            rank_zero_warn(warning)
+        elastic, self._state_keys = elastic_tensors(module, self.bucket_cap_mb)
+        self._averager = ElasticAverager(elastic, tau=self.tau, alpha=alpha, bucket_cap_mb=self.bucket_cap_mb,
+                                         overlap=self.overlap, on_nonfinite=self.on_nonfinite, timeout=self._timeout)
+        self._module = module
+        self._hook = module.register_forward_pre_hook(self._open_step_on_forward)
+        log.debug("EASGD: %d workers, tau=%d, alpha=%g, %d tensors of %d bytes in %d buckets", self.world_size,
+                  self.tau, alpha, len(elastic), self._averager.layout.nbytes, len(self._averager.layout.buckets))
+        return module
+
+    @override
+    def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        self._optimizers.append(optimizer)
+        return optimizer
+
+    # ------------------------------------------------------------------ training
+
+    def _open_step_on_forward(self, module: Module, args: Any) -> None:
+        # The first training forward after a step opens the next one: d_i is measured before this forward updates
+        # any buffer, and the all-reduce overlaps the forward and backward. Evaluation passes (eval mode or no grad)
+        # and passes on the swapped-in center do not count.
+        if self._step is None and module.training and torch.is_grad_enabled():
+            assert self._averager is not None
+            if not self._averager.center_in_use:
+                self._open_step()
+
+    def _open_step(self) -> ExitStack:
+        if self._step is None:
+            averager = self._require_averager("optimizer.step()")
+            if averager.center_in_use:
+                raise RuntimeError(
+                    "optimizer.step() was called inside `with fabric.strategy.center():`; the center's values are "
+                    "swapped into the model there. Step outside the block."
+                )
+            due = averager.exchange_due
+            stack = ExitStack()
+            stack.enter_context(averager.step())
+            self._step, self._exchange_in_flight = stack, due
+        return self._step
+
+    @override
+    def optimizer_step(self, optimizer: Optimizable, **kwargs: Any) -> Any:
+        """Close the step the first forward pass opened (or open it now), around the optimizer's update."""
+        step = self._open_step()
+        try:
+            with step:
+                output = super().optimizer_step(optimizer, **kwargs)
+        finally:
+            self._step, self._exchange_in_flight = None, False
+        assert self._averager is not None
+        for t, ranks in self._averager.pop_resets():
+            rank_zero_warn(
+                f"EASGD: worker(s) {', '.join(map(str, ranks))} had non-finite weights at optimizer step {t}; their "
+                "contribution was dropped and they were reset to the center with empty optimizer state."
+            )
+            if self.global_rank in ranks:
+                for opt in self._optimizers:
+                    opt.state.clear()
+        return output
+
+    # ------------------------------------------------------------------ the center
+
+    @contextmanager
+    def center(self) -> Iterator[None]:
+        """Run a block with the center's values in the set-up model (e.g. to evaluate it).
+
+        The same Parameter objects receive the center's values and get this worker's own values back, exactly,
+        when the block ends; the optimizer and its state are not touched. Collective-free.
+        """
+        averager = self._require_averager("fabric.strategy.center()")
+        self._refuse_in_flight("fabric.strategy.center()")
+        with averager.center_weights():
+            yield
+
+    def adopt_center(self) -> None:
+        """End EASGD: the model holds the center for good, on every rank (call it on all ranks after the loop).
+
+        The local weights are dropped and the exchange stops: further ``optimizer.step()`` calls raise, and
+        ``fabric.save`` then writes the model as it is, like any unwrapped model.
+        """
+        averager = self._require_averager("fabric.strategy.adopt_center()")
+        self._refuse_in_flight("fabric.strategy.adopt_center()")
+        averager.adopt_center()
+        assert self._hook is not None
+        self._hook.remove()
+        self._averager = self._hook = None
+
+    def _require_averager(self, what: str) -> ElasticAverager:
+        if self._averager is None:
+            raise RuntimeError(
+                f"{what} needs the model set up with EASGD: call fabric.setup(model, optimizer) first"
+                + ("; EASGD ended when fabric.strategy.adopt_center() was called" if self._module is not None else "")
+            )
+        return self._averager
+
+    def _refuse_in_flight(self, what: str) -> None:
+        if self._exchange_in_flight:
+            raise RuntimeError(
+                f"{what} was called in the middle of an optimizer step: an exchange started at the step's first "
+                "training forward pass and completes at optimizer.step(). Call it between optimizer steps."
+            )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @override
+    def get_module_state_dict(self, module: Module) -> dict[str, Any]:
+        """The set-up model's state with the center's values, whatever the model holds right now."""
+        state = super().get_module_state_dict(module)
+        if module is not self._module or self._averager is None:
+            return state
+        return state_with(state, self._state_keys, self._averager.center_values())
+
+    @override
+    def save_checkpoint(
+        self,
+        path: _PATH,
+        state: dict[str, Module | Optimizer | Any],
+        storage_options: Any | None = None,
+        filter: dict[str, Any] | None = None,
+    ) -> None:
+        """Rank 0 writes the center (as the model's entry), the user's other entries and EASGD's metadata; with
+        ``save_worker_states`` every rank first writes its own state to its own file (collective)."""
+        averager = self._averager
+        if averager is None:
+            super().save_checkpoint(path, state, storage_options, filter)
+            return
+        if CHECKPOINT_KEY in state:
+            raise ValueError(f"fabric.save(): the state key {CHECKPOINT_KEY!r} is reserved for EASGD's metadata")
+        if not any(obj is self._module for obj in state.values()):
+            raise ValueError(
+                f"fabric.save(): the state ({', '.join(map(repr, state))}) has no entry holding the model set up "
+                "with EASGD; its entry carries the center, so include it (e.g. state={'model': model, ...})"
+            )
+        self._refuse_in_flight("fabric.save()")
+        section: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT,
+            "world_size": self.world_size,
+            "tau": self.tau,
+            "alpha": averager.alpha,
+            "clock": averager.clock,
+        }
+        directory = None
+        if self.save_worker_states:
+            directory = self.broadcast(new_worker_directory(path) if self.is_global_zero else None)
+            write_worker_state(path, directory, self.global_rank, self._worker_state())
+            self.barrier("easgd_worker_files")  # the main file never names missing worker files
+            section["workers"] = directory
+        super().save_checkpoint(path, {**state, CHECKPOINT_KEY: section}, storage_options, filter)
+        if self.is_global_zero:
+            prune_worker_directories(path, keep=directory)
+
+    def _worker_state(self) -> dict[str, Any]:
+        assert self._averager is not None and self._module is not None
+        local = state_with(self._module.state_dict(), self._state_keys, self._averager.local_values())
+
+        def to_cpu(t: Tensor) -> Tensor:
+            return t.detach().to("cpu", copy=True)
+
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "rank": self.global_rank,
+            "world_size": self.world_size,
+            "clock": self._averager.clock,
+            "state_dict": apply_to_collection(local, Tensor, to_cpu),
+            "optimizer_states": [apply_to_collection(opt.state_dict(), Tensor, to_cpu) for opt in self._optimizers],
+            "rng": capture_rng_state(),
+        }
+
+    @override
+    def load_module_state_dict(self, module: Module, state_dict: dict[str, Any], strict: bool = True) -> None:
+        """Loading weights into the set-up model moves the center and this worker there (every rank loads the same
+        file, so the center stays identical everywhere)."""
+        if module is not self._module or self._averager is None:
+            super().load_module_state_dict(module, state_dict, strict)
+            return
+        if self._averager.center_in_use:
+            raise RuntimeError("cannot load weights into the model inside `with fabric.strategy.center():`")
+        self._refuse_in_flight("loading the model's weights")
+        super().load_module_state_dict(module, state_dict, strict)
+        current = module.state_dict()
+        center = {name: current[name] for name in self._averager.names}
+        self._averager.load_state_dict({"clock": self._averager.clock, "center": center})
+
+    @override
+    def load_checkpoint(
+        self,
+        path: _PATH,
+        state: Module | Optimizer | dict[str, Module | Optimizer | Any] | None = None,
+        strict: bool = True,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        """Restore the center and the clock, and give every worker back its own weights, optimizer state and RNG
+        state (workers the checkpoint did not have start from the center with empty optimizer state)."""
+        if self._averager is None or not isinstance(state, dict) or not state:
+            return super().load_checkpoint(path, state, strict, weights_only)
+        if self._step is not None:
+            raise RuntimeError("fabric.load() was called between a training forward pass and optimizer.step()")
+        remainder = super().load_checkpoint(path, state, strict, weights_only)
+        section = remainder.pop(CHECKPOINT_KEY, None)
+        if section is None or not any(obj is self._module for obj in state.values()):
+            return remainder
+        if not isinstance(section, Mapping) or section.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(
+                f"{path}: the checkpoint's {CHECKPOINT_KEY!r} section has an unknown format; this version of "
+                f"lightning-easgd reads format {CHECKPOINT_FORMAT}"
+            )
+        self._averager.clock = int(section["clock"])
+        optimizers = [opt for opt in self._optimizers if any(obj is opt for obj in state.values())]
+        self._resume_worker(path, section, optimizers)
+        return remainder
+
+    def _resume_worker(self, path: _PATH, section: Mapping[str, Any], optimizers: list[Optimizer]) -> None:
+        assert self._averager is not None and self._module is not None
+        directory = section.get("workers")
+        if directory is None:
+            rank_zero_warn(
+                f"EASGD resume: the checkpoint holds no worker states (saved with save_worker_states=False); all "
+                f"{self.world_size} workers start from the center."
+            )
+            return
+        saved_p = int(section["world_size"])
+        if saved_p != self.world_size:
+            rank_zero_warn(describe_resize(saved_p, self.world_size, self._averager.alpha))
+        if self.global_rank >= saved_p:
+            # A new worker keeps the optimizers' hyperparameters (rank 0's, from the main file) but no
+            # per-parameter state: momentum belongs to another worker's trajectory.
+            for opt in optimizers:
+                opt.state.clear()
+            return
+        mine = read_worker_state(path, directory, self.global_rank)
+        if int(mine["clock"]) != self._averager.clock or len(mine["optimizer_states"]) != len(self._optimizers):
+            raise ValueError(
+                f"{path}: worker {self.global_rank}'s file does not match the checkpoint (clock {mine['clock']} vs "
+                f"{self._averager.clock}, {len(mine['optimizer_states'])} optimizer states vs "
+                f"{len(self._optimizers)} set-up optimizers)"
+            )
+        self._module.load_state_dict(mine["state_dict"])  # the local weights; the center is untouched
+        for opt, saved in zip(self._optimizers, mine["optimizer_states"]):
+            if opt in optimizers:
+                opt.load_state_dict(saved)
+        restore_rng_state(mine["rng"])
+
+    # ------------------------------------------------------------------ registration
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        entries = [("easgd", "popen"), ("easgd_spawn", "spawn")]
+        if "fork" in torch.multiprocessing.get_all_start_methods():
+            entries.append(("easgd_fork", "fork"))
+        for name, start_method in entries:
+            strategy_registry.register(
+                name,
+                cls,
+                description=f"Synchronous Elastic Averaging SGD (Fabric) with start_method '{start_method}'",
+                start_method=start_method,
+            )
+
+
+class _NoGradientSync(_BackwardSyncControl):
+    """``fabric.no_backward_sync(model)`` is a no-op: EASGD never synchronises gradients, so loops written for DDP
+    (skipping the sync on accumulation steps) run unchanged."""
+
+    @override
+    def no_backward_sync(self, module: Module, enabled: bool) -> AbstractContextManager:
+        return nullcontext()
