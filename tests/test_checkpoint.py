@@ -105,11 +105,15 @@ def test_resume_with_another_world_size(tmp_path: Path, messages: Any, saved_p: 
                           batch_size=4, ckpt_path=str(path), strategy=EASGDStrategy(tau=2, start_method="fork"))
     assert f"the checkpoint has {saved_p} workers and this run has {new_p}" in messages()
     center = dict(ckpt["state_dict"])
+    saved = worker_states(path)
     for rank, rec in enumerate(records):
         assert rec["alpha"] == pytest.approx(0.9 / new_p)
         if rank < saved_p:
-            assert_close(rec["start_state"], worker_states(path)[rank]["state_dict"], 0.0, f"worker {rank}")
-            assert rec["start_optim"][0]["state"], f"worker {rank} keeps its momentum"
+            assert_close(rec["start_state"], saved[rank]["state_dict"], 0.0, f"worker {rank}")
+            momentum = {i: s["momentum_buffer"] for i, s in rec["start_optim"][0]["state"].items()}
+            want = {i: s["momentum_buffer"] for i, s in saved[rank]["optimizer_states"][0]["state"].items()}
+            assert want and set(momentum) == set(want), f"worker {rank} keeps its momentum"
+            assert_close(momentum, want, 0.0, f"worker {rank} momentum")
         else:
             assert_close(rec["start_state"], center, 0.0, f"new worker {rank} starts from the center")
             assert not rec["start_optim"][0]["state"], "a new worker starts with no momentum"
