@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from toy import ToyRegressor, make_dataset
 
 from lightning_easgd import EASGDStrategy
+from lightning_easgd.checkpoint_io import AtomicCheckpointIO
 from lightning_easgd.checkpointing import WorkerFileError, resolve_worker_file
 from lightning_easgd.rng import capture_rng_state, restore_rng_state
 
@@ -208,3 +209,27 @@ def test_rng_state_of_format_1_takes_the_current_devices_entry(monkeypatch: pyte
     with pytest.warns(UserWarning, match="CUDA random state of 4 device"):
         restore_rng_state(legacy)
     assert torch.equal(fake.states[5], torch.full((16,), 5, dtype=torch.uint8))
+
+
+def test_failed_worker_file_write_stops_every_rank_before_the_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write = AtomicCheckpointIO.save_checkpoint
+
+    def full_disk_for_worker_1(self: AtomicCheckpointIO, checkpoint: Any, path: Any, storage_options: Any = None
+                               ) -> None:
+        if Path(path).name == "worker_00001.pt":
+            raise OSError(28, "No space left on device")
+        write(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", full_disk_for_worker_1)
+    path = tmp_path / "ckpt" / "epoch=0.ckpt"
+    with pytest.raises(Exception) as raised:
+        fit_fork(ToyRegressor(), make_dataset(24), tmp_path, p=2, epochs=1, batch_size=4, enable_checkpointing=True,
+                 strategy=EASGDStrategy(tau=2, start_method="fork"),
+                 callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}")])
+    text = str(raised.value)
+    assert (f"could not write {path}.workers/" in text and "/worker_00001.pt, worker 1's file of checkpoint "
+            f"{path}: OSError: [Errno 28] No space left on device" in text) or (
+        f"another rank could not write its worker file of checkpoint {path} (see its error)" in text)
+    assert not path.exists(), "no checkpoint file names a worker file that was not written"
