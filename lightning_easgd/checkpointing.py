@@ -23,7 +23,6 @@ Format 1 (lightning-easgd 0.1) kept every worker inside the checkpoint file; it 
 
 from __future__ import annotations
 
-import logging
 import os
 import posixpath
 import uuid
@@ -46,7 +45,6 @@ from lightning_easgd.rng import capture_rng_state, restore_rng_state
 if TYPE_CHECKING:
     from lightning_easgd.strategy import EASGDStrategy
 
-log = logging.getLogger(__name__)
 
 CHECKPOINT_KEY = "easgd"
 """Where a checkpoint keeps the strategy's own state (the center itself is the checkpoint's ``state_dict``)."""
@@ -77,7 +75,13 @@ def worker_files_dir(checkpoint_path: _PATH) -> str:
 def worker_file_name(checkpoint_path: _PATH, save_id: str, worker: int) -> str:
     """Worker ``worker``'s file of a save, relative to the checkpoint's directory (as the checkpoint names it)."""
     base = posixpath.basename(os.fspath(checkpoint_path).replace(os.sep, "/"))
-    return f"{base}{WORKERS_SUFFIX}/{save_id}/worker_{worker:05d}.pt"
+    return f"{base}{WORKERS_SUFFIX}/{save_id}/{_file_name(worker)}"
+
+
+def _worker_file_target(checkpoint_path: _PATH, save_id: str, worker: int) -> str:
+    """Where a save writes worker ``worker``'s file: next to the path being written (not a link's target)."""
+    directory, name = worker_files_dir(checkpoint_path), _file_name(worker)
+    return posixpath.join(directory, save_id, name) if "://" in directory else os.path.join(directory, save_id, name)
 
 
 def resolve_worker_file(checkpoint_path: _PATH, relative: str) -> str:
@@ -155,7 +159,7 @@ class WorkerCheckpoints:
             # until the new checkpoint file is in place.
             save_id = strategy.broadcast(f"{int(checkpoint.get('global_step', 0)):09d}-{uuid.uuid4().hex[:8]}")
             names = [worker_file_name(filepath, save_id, g) for g in range(strategy.num_workers)]
-            self._write_worker_file(checkpoint, filepath, names, save_id, storage_options)
+            self._write_worker_file(checkpoint, filepath, save_id, storage_options)
             section["save_id"] = save_id
             section["worker_files"] = names
             self._saved = (os.fspath(filepath), save_id)
@@ -167,11 +171,11 @@ class WorkerCheckpoints:
         checkpoint[CHECKPOINT_KEY] = section
 
     def _write_worker_file(
-        self, checkpoint: dict[str, Any], filepath: _PATH, names: list[str], save_id: str, storage_options: Any
+        self, checkpoint: dict[str, Any], filepath: _PATH, save_id: str, storage_options: Any
     ) -> None:
         strategy = self._strategy
         g = strategy.worker_index
-        target = resolve_worker_file(filepath, names[g])
+        target = _worker_file_target(filepath, save_id, g)
         error: BaseException | None = None
         try:
             rngs = self._gather_rng_in_worker(capture_rng_state())
@@ -385,15 +389,20 @@ def _check_section(checkpoint_path: _PATH, section: Any) -> dict[str, Any]:
         )
     section = dict(section)
     if section["format"] == 2 and section.get("worker_files") is not None:
-        files, p = section["worker_files"], section.get("num_workers")
-        if not isinstance(p, int) or not isinstance(files, list) or len(files) != p:
+        files, p, save_id = section["worker_files"], section.get("num_workers"), section.get("save_id")
+        if (not isinstance(p, int) or not isinstance(save_id, str) or not isinstance(files, list)
+                or len(files) != p or not all(isinstance(name, str) for name in files)):
             raise ValueError(
-                f"{checkpoint_path}: the checkpoint's '{CHECKPOINT_KEY}' section names {len(files)} worker files for "
-                f"num_workers={p!r}; the checkpoint is damaged"
+                f"{checkpoint_path}: the checkpoint's '{CHECKPOINT_KEY}' section is damaged: it needs num_workers "
+                f"(got {p!r}) worker file names (got {files!r}) and a save_id (got {save_id!r})"
             )
         for name in files:
             resolve_worker_file(checkpoint_path, name)  # refuses names outside the checkpoint's directory
     return section
+
+
+def _file_name(worker: int) -> str:
+    return f"worker_{worker:05d}.pt"
 
 
 def _to_cpu(value: Any) -> Any:

@@ -233,3 +233,16 @@ def test_failed_worker_file_write_stops_every_rank_before_the_checkpoint(
             f"{path}: OSError: [Errno 28] No space left on device" in text) or (
         f"another rank could not write its worker file of checkpoint {path} (see its error)" in text)
     assert not path.exists(), "no checkpoint file names a worker file that was not written"
+
+
+def test_damaged_section_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "bad.ckpt"
+    torch.save({"state_dict": {}, "easgd": {"format": 2, "num_workers": 2, "save_id": "x",
+                                            "worker_files": ["bad.ckpt.workers/x/worker_00000.pt"]}}, path)
+    with pytest.raises(ValueError, match=r"bad.ckpt: the checkpoint's 'easgd' section is damaged: it needs "
+                                         r"num_workers \(got 2\) worker file names"):
+        EASGDStrategy().load_checkpoint(path)
+    torch.save({"state_dict": {}, "easgd": {"format": 2, "num_workers": 1, "save_id": "x",
+                                            "worker_files": ["../x/worker_00000.pt"]}}, path)
+    with pytest.raises(WorkerFileError, match="must be relative paths inside the checkpoint's directory"):
+        EASGDStrategy().load_checkpoint(path)
