@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -246,3 +248,80 @@ def test_damaged_section_is_refused(tmp_path: Path) -> None:
                                             "worker_files": ["../x/worker_00000.pt"]}}, path)
     with pytest.raises(WorkerFileError, match="must be relative paths inside the checkpoint's directory"):
         EASGDStrategy().load_checkpoint(path)
+
+
+class _TwoRanksPerWorker(EASGDStrategy):
+    """The worker layout of 2 ranks forming 1 worker (k = 2), for the checkpoint's view only: the exchange still
+    treats every rank as a worker, which does not matter for what the worker files hold."""
+
+    @property
+    def ranks_per_worker(self) -> int:
+        return 2
+
+    @property
+    def num_workers(self) -> int:
+        return self.world_size // 2
+
+    @property
+    def worker_index(self) -> int:
+        return self.global_rank // 2
+
+    @property
+    def rank_in_worker(self) -> int:
+        return self.global_rank % 2
+
+    @property
+    def worker_group(self) -> dist.ProcessGroup | None:
+        return dist.group.WORLD
+
+
+class _NumpyStateAtStart(L.Callback):
+    """Saves each rank's numpy generator state when training starts (after the restore; nothing draws from it)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _, keys, pos, _, _ = np.random.get_state()
+        torch.save({"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos)},
+                   self.out / f"numpy{trainer.global_rank}.pt")
+
+
+class _RankDependentDraws(L.Callback):
+    """Makes the ranks' numpy generators differ: rank r draws r + 1 numbers per batch."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        np.random.rand(trainer.global_rank + 1)
+
+
+def test_a_worker_of_two_ranks_keeps_both_rng_states(tmp_path: Path, messages: Any) -> None:
+    """With k = 2 the writer gathers its worker's two RNG states (inside the worker) into one file; on resume each
+    rank takes its own entry, and ranks beyond the saved k start from seeded generators, with a warning."""
+    fit_fork(ToyRegressor(), make_dataset(24), tmp_path / "first", p=2, epochs=1, batch_size=4,
+             enable_checkpointing=True, strategy=_TwoRanksPerWorker(tau=2, start_method="fork"),
+             callbacks=[_RankDependentDraws(),
+                        ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)])
+    path = tmp_path / "ckpt" / "last.ckpt"
+    section = torch.load(path, weights_only=True)["easgd"]
+    assert section["num_workers"] == 1 and section["ranks_per_worker"] == 2
+    (worker,) = worker_states(path)
+    assert len(worker["rng"]) == 2
+    assert worker["rng"][0]["numpy"]["pos"] != worker["rng"][1]["numpy"]["pos"], "each rank's own state"
+
+    fit_fork(ToyRegressor(), make_dataset(24), tmp_path / "second", p=2, epochs=2, batch_size=4,
+             ckpt_path=str(path), strategy=_TwoRanksPerWorker(tau=2, start_method="fork"),
+             callbacks=[_NumpyStateAtStart(tmp_path / "second")])
+    for j in range(2):
+        got = torch.load(tmp_path / "second" / f"numpy{j}.pt", weights_only=True)
+        saved = worker["rng"][j]["numpy"]
+        assert torch.equal(got["keys"], saved["keys"]) and got["pos"] == saved["pos"], f"rank {j}'s own RNG state"
+
+    plain = tmp_path / "plain"
+    fit_fork(ToyRegressor(), make_dataset(24), plain, p=2, epochs=1, batch_size=4, enable_checkpointing=True,
+             strategy=EASGDStrategy(tau=2, start_method="fork"),
+             callbacks=[ModelCheckpoint(dirpath=plain / "ckpt", save_last=True, save_top_k=0)])
+    messages()
+    fit_fork(ToyRegressor(), make_dataset(24), tmp_path / "third", p=2, epochs=2, batch_size=4,
+             ckpt_path=str(plain / "ckpt" / "last.ckpt"), strategy=_TwoRanksPerWorker(tau=2, start_method="fork"))
+    assert ("the checkpoint has 1 rank(s) per worker and this run has 2; ranks 1-1 of every worker start from "
+            "freshly seeded random number generators") in messages()
