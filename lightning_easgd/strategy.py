@@ -33,9 +33,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
+from torch.distributed import ProcessGroup
 from torch.nn import Module
 from torch.nn.parallel import DistributedDataParallel
-from torch.distributed import ProcessGroup
 from torch.optim import Optimizer
 from typing_extensions import override
 
