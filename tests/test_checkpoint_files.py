@@ -325,3 +325,29 @@ def test_a_worker_of_two_ranks_keeps_both_rng_states(tmp_path: Path, messages: A
              ckpt_path=str(plain / "ckpt" / "last.ckpt"), strategy=_TwoRanksPerWorker(tau=2, start_method="fork"))
     assert ("the checkpoint has 1 rank(s) per worker and this run has 2; ranks 1-1 of every worker start from "
             "freshly seeded random number generators") in messages()
+
+
+class _CenterCopies(L.Callback):
+    """Records, on every rank, whether the checkpoint's state_dict copies the center or shares its memory."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+                           ) -> None:
+        averager = trainer.strategy.averager
+        center = {t.untyped_storage().data_ptr() for t in averager.center_values()}
+        state = checkpoint["state_dict"]
+        torch.save({"shared": [state[n].untyped_storage().data_ptr() in center for n in averager.names],
+                    "devices": sorted({str(v.device) for v in state.values()})},
+                   self.out / f"copies{trainer.global_rank}.pt")
+
+
+def test_only_rank_zero_copies_the_center(tmp_path: Path) -> None:
+    """Rank 0, which writes the checkpoint file, holds one CPU copy of the center; the other ranks none."""
+    fit_fork(ToyRegressor(), make_dataset(24), tmp_path, p=2, epochs=1, batch_size=4, enable_checkpointing=True,
+             strategy=EASGDStrategy(tau=2, start_method="fork"),
+             callbacks=[_CenterCopies(tmp_path), ModelCheckpoint(dirpath=tmp_path / "ckpt")])
+    zero, one = (torch.load(tmp_path / f"copies{r}.pt", weights_only=True) for r in range(2))
+    assert not any(zero["shared"]) and zero["devices"] == ["cpu"]
+    assert all(one["shared"]), "the other ranks' state_dict views the center"
