@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from datetime import timedelta
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -21,7 +22,7 @@ from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import _StrategyRegistry
 from lightning.fabric.utilities.distributed import _init_dist_connection
-from lightning.fabric.utilities.optimizer import _optimizer_to_device, _optimizers_to_device
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
@@ -32,25 +33,21 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
+from torch.distributed import ProcessGroup
 from torch.nn import Module
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_easgd.checkpoint_io import AtomicCheckpointIO
+from lightning_easgd.checkpointing import WorkerCheckpoints
 from lightning_easgd.core import DEFAULT_BETA, ElasticAverager, broadcast_tensors, resolve_alpha
 from lightning_easgd.core.hyperparams import validate_alpha, validate_beta, validate_tau
 from lightning_easgd.core.worker import ElasticWorker, NonFinitePolicy
 from lightning_easgd.guards import PerStepSyncGuard, refuse_weight_averaging
-from lightning_easgd.rng import capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_KEY = "easgd"
-"""Where a checkpoint keeps the strategy's own state (the center itself is the checkpoint's ``state_dict``)."""
-CHECKPOINT_FORMAT = 1
 
 _START_METHODS = ("popen", "spawn", "fork", "forkserver")
 _DDP_COMM_OPTIONS = {
@@ -91,9 +88,10 @@ class EASGDStrategy(DDPStrategy):
         overlap: start the all-reduce before the step's forward/backward and wait for it after the local update
             (True), or wait for it before the step (False). The arithmetic is the same either way.
         bucket_cap_mb: size of the flat buffers that each all-reduce carries.
-        save_worker_states: store every worker's local weights, optimizer state and RNG state in full
-            checkpoints (gathered on rank 0), so that resuming reproduces the uninterrupted run. Without them a
-            resumed run restarts every worker from the center.
+        save_worker_states: with every full checkpoint, store each worker's local weights, optimizer state and
+            RNG states in a file of its own, written by that worker next to the checkpoint (see
+            :mod:`lightning_easgd.checkpointing`), so that resuming reproduces the uninterrupted run. Without them
+            a resumed run restarts every worker from the center.
         on_nonfinite: the divergence guard. A worker whose weights turn NaN or inf never reaches the center (the
             check rides in the exchange). ``"raise"`` (default): every rank raises
             :class:`~lightning_easgd.core.NonFiniteWorkerError` naming the workers and the step, so the run stops
@@ -166,9 +164,7 @@ class EASGDStrategy(DDPStrategy):
         self.on_nonfinite: NonFinitePolicy = on_nonfinite
         self._averager: ElasticWorker | None = None
         self._state_keys: dict[str, int] = {}  # state_dict key -> index of the averaged tensor it names
-        self._loaded: dict[str, Any] | None = None  # this strategy's section of the checkpoint being resumed
-        self._workers: list[dict[str, Any]] | None = None  # saved worker states awaiting the optimizer restore
-        self._pending_rng: dict[str, Any] | None = None
+        self._checkpoints = WorkerCheckpoints(self)
         self._patched_loop: Any = None  # the training epoch loop whose per-batch SIGTERM broadcast is replaced
         self._sync_guard = PerStepSyncGuard()
 
@@ -183,6 +179,37 @@ class EASGDStrategy(DDPStrategy):
     def alpha(self) -> float | None:
         """The moving rate in use (resolved from β and the world size at setup when not given)."""
         return self._averager.alpha if self._averager is not None else self._alpha
+
+    # ------------------------------------------------------------------ worker layout
+    # BEGIN worker layout for ranks_per_worker = 1: one rank per EASGD worker. The worker-groups branch replaces
+    # this block with its implementation (k consecutive ranks per worker); the checkpoint module reads only these.
+
+    @property
+    def ranks_per_worker(self) -> int:
+        """k: the number of consecutive global ranks that form one EASGD worker."""
+        return 1
+
+    @property
+    def num_workers(self) -> int:
+        """p = world_size / k: the number of EASGD workers."""
+        return self.world_size
+
+    @property
+    def worker_index(self) -> int:
+        """g = global_rank // k: the EASGD worker this rank belongs to."""
+        return self.global_rank
+
+    @property
+    def rank_in_worker(self) -> int:
+        """j = global_rank % k: this rank's place within its worker."""
+        return 0
+
+    @property
+    def worker_group(self) -> ProcessGroup | None:
+        """The process group of this worker's k ranks; None when k = 1."""
+        return None
+
+    # END worker layout
 
     @property  # type: ignore[override]
     def _layer_sync(self) -> LayerSync | None:
@@ -243,10 +270,7 @@ class EASGDStrategy(DDPStrategy):
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
         self._setup_averager()
-        loaded, self._loaded = self._loaded, None
-        self._workers = None
-        if fitting and loaded is not None:
-            self._resume_workers(loaded)
+        self._checkpoints.setup(fitting)
 
     def _setup_averager(self) -> None:
         module = self.lightning_module
@@ -375,81 +399,32 @@ class EASGDStrategy(DDPStrategy):
     def on_predict_end(self) -> None:
         self._restore_local()
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints (lightning_easgd/checkpointing.py)
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The center, whatever the module holds right now (local weights, or the center during validation)."""
-        state = super().lightning_module_state_dict()
-        if self._averager is None:
-            return state
-        center = self._averager.center_values()
-        for key, i in self._state_keys.items():
-            state[key] = center[i].detach().clone()
-        return state
-
-    def _local_state_dict(self) -> dict[str, Tensor]:
-        assert self._averager is not None and self.lightning_module is not None
-        state = self.lightning_module.state_dict()
-        local = self._averager.local_values()
-        for key, i in self._state_keys.items():
-            state[key] = local[i]
-        return {key: value.detach().to("cpu", copy=True) for key, value in state.items()}
+        return self._checkpoints.center_state_dict(super().lightning_module_state_dict())
 
     @override
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
     ) -> None:
-        # Called on every rank (rank 0 writes), so the workers' states can be gathered here.
-        if self._averager is not None and "optimizer_states" in checkpoint:
-            section: dict[str, Any] = {
-                "format": CHECKPOINT_FORMAT,
-                "world_size": self.world_size,
-                "tau": self.tau,
-                "alpha": self._averager.alpha,
-                "clock": self._averager.clock,
-            }
-            if self.save_worker_states:
-                mine = {
-                    "state_dict": self._local_state_dict(),
-                    "optimizer_states": apply_to_collection(
-                        checkpoint["optimizer_states"], Tensor, lambda t: t.detach().to("cpu", copy=True)
-                    ),
-                    "rng": capture_rng_state(),
-                }
-                section["workers"] = self._gather_on_rank_zero(mine)
-            checkpoint[CHECKPOINT_KEY] = section
+        # Called on every rank: each worker's writer writes its worker file, then rank 0 the checkpoint file.
+        self._checkpoints.before_save(checkpoint, filepath, storage_options)
         super().save_checkpoint(checkpoint, filepath, storage_options)
+        self._checkpoints.after_save()
 
-    def _gather_on_rank_zero(self, obj: dict[str, Any]) -> list[dict[str, Any]] | None:
-        if self.world_size == 1 or not dist.is_initialized():
-            return [obj]
-        gathered: list[Any] | None = [None] * self.world_size if self.is_global_zero else None
-        dist.gather_object(obj, gathered, dst=0)
-        return gathered
+    @override
+    def remove_checkpoint(self, filepath: _PATH) -> None:
+        super().remove_checkpoint(filepath)
+        self._checkpoints.remove(filepath)
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        try:
-            checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        except FileNotFoundError:
-            raise
-        except Exception as error:
-            raise ValueError(
-                f"{checkpoint_path} is not a readable checkpoint ({type(error).__name__}: {error}); the file may be "
-                "truncated or corrupt, or not a PyTorch checkpoint"
-            ) from error
-        if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
-            raise ValueError(f"{checkpoint_path} is not a Lightning checkpoint: it has no 'state_dict' mapping")
-        section = checkpoint.get(CHECKPOINT_KEY)
-        if section is not None:
-            if not isinstance(section, Mapping) or section.get("format") != CHECKPOINT_FORMAT:
-                raise ValueError(
-                    f"{checkpoint_path}: the checkpoint's '{CHECKPOINT_KEY}' section has an unknown format; this "
-                    f"version of lightning-easgd reads format {CHECKPOINT_FORMAT}"
-                )
-            self._loaded = dict(section)
-        return checkpoint
+        return self._checkpoints.read(
+            checkpoint_path, partial(super().load_checkpoint, checkpoint_path, weights_only=weights_only)
+        )
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
@@ -461,53 +436,10 @@ class EASGDStrategy(DDPStrategy):
                 f"saved from another model or configuration?\n{error}"
             ) from error
 
-    def _resume_workers(self, section: dict[str, Any]) -> None:
-        """Give this rank back its own weights; ranks the checkpoint did not have start from the center."""
-        assert self._averager is not None and self.lightning_module is not None
-        workers = section.get("workers")
-        saved_p = int(section["world_size"])
-        if workers is None:
-            rank_zero_warn(
-                f"EASGD resume: the checkpoint holds no worker states (saved with save_worker_states=False); all "
-                f"{self.world_size} workers start from the center."
-            )
-            return
-        self._workers = workers
-        if saved_p != self.world_size:
-            kept = min(saved_p, self.world_size)
-            rank_zero_warn(
-                f"EASGD resume: the checkpoint has {saved_p} workers and this run has {self.world_size}; "
-                f"own weights and optimizer state restored: {_workers(0, kept)}"
-                + (f"; starting from the center: {_workers(kept, self.world_size)}" if self.world_size > kept else "")
-                + (f"; dropped: {_workers(kept, saved_p)}" if saved_p > kept else "")
-                + f"; alpha is now {self._averager.alpha:g}."
-            )
-        if self.global_rank < len(workers):
-            mine = workers[self.global_rank]
-            self.lightning_module.load_state_dict(mine["state_dict"])
-            self._pending_rng = mine["rng"]
-
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        workers = self._workers
-        if workers is None:
+        if not self._checkpoints.load_optimizer_states(checkpoint):
             super().load_optimizer_state_dict(checkpoint)
-            return
-        if self.global_rank < len(workers):
-            states = workers[self.global_rank]["optimizer_states"]
-        else:
-            # A new worker keeps the optimizer's hyperparameters (an LR schedule may have changed them) but no
-            # per-parameter state: momentum belongs to another worker's trajectory.
-            states = [{"state": {}, "param_groups": s["param_groups"]} for s in workers[0]["optimizer_states"]]
-        for optimizer, state in zip(self.optimizers, states):
-            optimizer.load_state_dict(state)
-            _optimizer_to_device(optimizer, self.root_device)
-        self._workers = None
-        if self._pending_rng is not None:
-            # This is the last restore step before the fit loop creates the first epoch's data iterator, which
-            # draws its base seed from the global generator (the sanity check runs under isolate_rng).
-            restore_rng_state(self._pending_rng)
-            self._pending_rng = None
 
     # ------------------------------------------------------------------ registration
 
@@ -524,10 +456,6 @@ class EASGDStrategy(DDPStrategy):
                 description=f"Synchronous Elastic Averaging SGD with start_method '{start_method}'",
                 start_method=start_method,
             )
-
-
-def _workers(start: int, stop: int) -> str:
-    return f"worker {start}" if stop - start == 1 else f"workers {start}-{stop - 1}"
 
 
 def _refuse_ddp_options(kwargs: Mapping[str, Any]) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from checkpoint_files import worker_states
 from conftest import SEED, assert_close, fit_fork
 from lightning.pytorch.callbacks import ModelCheckpoint
 from toy import ToyRegressor, make_dataset, replay_easgd, twins
@@ -35,9 +36,13 @@ def test_checkpoint_state_dict_is_the_center(tmp_path: Path) -> None:
         assert_close(loaded.state_dict(), expected.epoch_centers[epoch], 1e-10, "load_from_checkpoint")
         section = ckpt["easgd"]
         assert section["world_size"] == 2 and section["tau"] == 3 and section["alpha"] == pytest.approx(0.45)
+        assert section["num_workers"] == 2 and section["ranks_per_worker"] == 1
         assert section["clock"] == 6 * (epoch + 1)
-        assert len(section["workers"]) == 2
-        for rank, worker in enumerate(section["workers"]):
+        assert not ckpt["optimizer_states"][0]["state"], "per-parameter state is in the worker files only"
+        workers = worker_states(path)
+        assert len(workers) == 2
+        for rank, worker in enumerate(workers):
+            assert worker["worker"] == rank and len(worker["rng"]) == 1
             assert_close(worker["state_dict"], expected.epoch_workers[epoch][rank], 1e-10, f"worker {rank} local")
             assert worker["optimizer_states"][0]["state"], "momentum buffers are saved"
 
@@ -100,11 +105,15 @@ def test_resume_with_another_world_size(tmp_path: Path, messages: Any, saved_p: 
                           batch_size=4, ckpt_path=str(path), strategy=EASGDStrategy(tau=2, start_method="fork"))
     assert f"the checkpoint has {saved_p} workers and this run has {new_p}" in messages()
     center = dict(ckpt["state_dict"])
+    saved = worker_states(path)
     for rank, rec in enumerate(records):
         assert rec["alpha"] == pytest.approx(0.9 / new_p)
         if rank < saved_p:
-            assert_close(rec["start_state"], ckpt["easgd"]["workers"][rank]["state_dict"], 0.0, f"worker {rank}")
-            assert rec["start_optim"][0]["state"], f"worker {rank} keeps its momentum"
+            assert_close(rec["start_state"], saved[rank]["state_dict"], 0.0, f"worker {rank}")
+            momentum = {i: s["momentum_buffer"] for i, s in rec["start_optim"][0]["state"].items()}
+            want = {i: s["momentum_buffer"] for i, s in saved[rank]["optimizer_states"][0]["state"].items()}
+            assert want and set(momentum) == set(want), f"worker {rank} keeps its momentum"
+            assert_close(momentum, want, 0.0, f"worker {rank} momentum")
         else:
             assert_close(rec["start_state"], center, 0.0, f"new worker {rank} starts from the center")
             assert not rec["start_optim"][0]["state"], "a new worker starts with no momentum"
@@ -120,7 +129,8 @@ def test_checkpoint_without_worker_states(tmp_path: Path, messages: Any) -> None
              strategy=EASGDStrategy(tau=2, save_worker_states=False, start_method="fork"))
     path = tmp_path / "first" / "ckpt" / "last.ckpt"
     ckpt = torch.load(path, weights_only=True)
-    assert "workers" not in ckpt["easgd"]
+    assert "worker_files" not in ckpt["easgd"] and not path.with_name("last.ckpt.workers").exists()
+    assert ckpt["optimizer_states"][0]["param_groups"], "the optimizer state stays in the checkpoint"
     messages()
     _, records = fit_fork(ToyRegressor(), dataset, tmp_path / "second", p=2, epochs=2, batch_size=4,
                           ckpt_path=str(path), strategy=EASGDStrategy(tau=2, start_method="fork"))

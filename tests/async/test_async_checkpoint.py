@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from async_replay import replay_async_easgd
+from checkpoint_files import worker_states
 from conftest import SEED, assert_close, fit_fork
 from lightning.pytorch.callbacks import ModelCheckpoint
 from toy import ToyRegressor, make_dataset, twins
@@ -22,7 +23,7 @@ def _strategy() -> AsyncEASGDStrategy:
 @pytest.mark.parametrize("on_train_epoch_end", [False, True])
 def test_checkpoint_state_dict_is_the_center(tmp_path: Path, on_train_epoch_end: bool) -> None:
     """Saved in validation (the snapshot is swapped in) or at the training epoch's end (a snapshot is taken for
-    the checkpoint, on every rank), the state_dict is the center and the section holds every worker."""
+    the checkpoint, on every rank), the state_dict is the center and every worker's file holds that worker."""
     module, init = twins(ToyRegressor, 10, momentum=0.9, nesterov=True)
     dataset = make_dataset(48)
     checkpointing = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", save_top_k=-1,
@@ -31,9 +32,10 @@ def test_checkpoint_state_dict_is_the_center(tmp_path: Path, on_train_epoch_end:
              enable_checkpointing=True, strategy=_strategy())
     expected = replay_async_easgd(init, dataset, p=2, tau=3, alpha=0.45, epochs=2, batch_size=4, seed=SEED)
     for epoch in range(2):
-        ckpt = torch.load(tmp_path / "ckpt" / f"epoch={epoch}.ckpt", weights_only=True)
+        path = tmp_path / "ckpt" / f"epoch={epoch}.ckpt"
+        ckpt = torch.load(path, weights_only=True)
         assert_close(ckpt["state_dict"], expected.epoch_centers[epoch], 1e-10, f"epoch {epoch} checkpoint")
         section = ckpt["easgd"]
         assert section["world_size"] == 2 and section["clock"] == 6 * (epoch + 1)
-        for rank, worker in enumerate(section["workers"]):
+        for rank, worker in enumerate(worker_states(path)):
             assert_close(worker["state_dict"], expected.epoch_workers[epoch][rank], 1e-10, f"worker {rank} local")

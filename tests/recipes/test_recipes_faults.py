@@ -60,5 +60,5 @@ def test_resume_with_more_workers_starts_the_new_one_from_the_center(tmp_path: P
     assert "starting from the center: worker 2" in output
     after = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert before["easgd"]["world_size"] == 2 and after["easgd"]["world_size"] == 3
-    assert after["easgd"]["alpha"] == pytest.approx(0.3) and len(after["easgd"]["workers"]) == 3
+    assert after["easgd"]["alpha"] == pytest.approx(0.3) and len(after["easgd"]["worker_files"]) == 3
     assert after["epoch"] == 1 and after["global_step"] > before["global_step"]
