@@ -171,6 +171,16 @@ class EASGDStrategy(DDPStrategy):
             isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not bucket_cap_mb > 0
         ):
             raise ValueError(f"bucket_cap_mb={bucket_cap_mb!r} is invalid: it must be a number > 0 (megabytes)")
+        if type(self)._create_averager is not EASGDStrategy._create_averager:
+            # A subclass that builds another exchange (AsyncEASGDStrategy) would otherwise ignore these.
+            for name, value, default in (("ranks_per_worker", ranks_per_worker, 1),
+                                         ("center_device", center_device, None),
+                                         ("exchange_dtype", exchange_dtype, None)):
+                if value != default:
+                    raise ValueError(
+                        f"{type(self).__name__} does not support {name}={value!r}: worker groups, a host-resident "
+                        "center and the exchange dtype belong to the synchronous averager of EASGDStrategy"
+                    )
         self._ranks_per_worker = validate_ranks_per_worker(ranks_per_worker)
         self.center_device = validate_center_device(center_device)
         self.exchange_dtype = validate_exchange_dtype(exchange_dtype)
@@ -182,16 +192,6 @@ class EASGDStrategy(DDPStrategy):
                 "through one device buffer bucket by bucket before the step, so there is nothing to overlap; leave "
                 "overlap unset (False with center_device='cpu')"
             )
-        if type(self)._create_averager is not EASGDStrategy._create_averager:
-            # A subclass that builds another exchange (AsyncEASGDStrategy) would otherwise ignore these.
-            for name, value, default in (("ranks_per_worker", ranks_per_worker, 1),
-                                         ("center_device", center_device, None),
-                                         ("exchange_dtype", exchange_dtype, None)):
-                if value != default:
-                    raise ValueError(
-                        f"{type(self).__name__} does not support {name}={value!r}: worker groups, a host-resident "
-                        "center and the exchange dtype belong to the synchronous averager of EASGDStrategy"
-                    )
         if not isinstance(save_worker_states, bool):
             raise ValueError(f"save_worker_states={save_worker_states!r} is invalid: it must be True or False")
         if on_nonfinite not in ("raise", "reset"):

@@ -201,18 +201,30 @@ def replay_easgd(
     accumulate: int = 1,
     autocast: torch.dtype | None = None,
     reset_nonfinite: bool = False,
+    ranks_per_worker: int = 1,
+    exchange_dtype: torch.dtype | None = None,
 ) -> Replay:
     """Run Eq. 5-6 of the paper on p copies of ``module`` in one process.
 
     At the start of step t with t > 0 and t % tau == 0: d_i = x_i − x̃ (parameters and floating-point buffers,
     before the step), then the local step, then x_i −= α·d_i and x̃ += α·Σ_i d_i. With ``reset_nonfinite``, a
     worker whose d_i is not finite is left out of the sum and restarts from the new center with no optimizer state.
+
+    With ``ranks_per_worker`` = k, worker g is ranks g·k ... g·k + k − 1 of p·k DistributedSampler shards, and its
+    batch is the union of theirs: for a mean loss over equal-sized batches the gradient of the union is the mean of
+    the ranks' gradients, which is what DDP computes inside a worker. With ``exchange_dtype``, every d_i is rounded
+    to it and summed in it (a p = 2 sum rounds once, so it is exact whatever order a collective adds in).
     """
     workers, states, floats, center = replicas(module, p)
     result = Replay(center=center, workers=[])
+    size = ranks_per_worker
     t = 0
     for epoch in range(epochs):
-        per_rank = [rank_batches(dataset, p, r, epoch, batch_size, seed) for r in range(p)]
+        shards = [rank_batches(dataset, p * size, r, epoch, batch_size, seed) for r in range(p * size)]
+        per_rank = [
+            [[torch.cat(parts) for parts in zip(*batches)] for batches in zip(*shards[g * size : (g + 1) * size])]
+            for g in range(p)
+        ]
         for start in range(0, len(per_rank[0]), accumulate):
             ctx = torch.autocast("cpu", dtype=autocast) if autocast else torch.autocast("cpu", enabled=False)
             with ctx:
@@ -229,7 +241,11 @@ def replay_easgd(
                         if exchange:
                             bad = [not all(d[k].isfinite().all() for k in floats) for d in diffs]
                             assert reset_nonfinite or not any(bad)
-                            total = {k: sum(d[k] for d, b in zip(diffs, bad) if not b) for k in floats}
+                            wire = exchange_dtype
+                            total = {
+                                k: sum((d[k] if wire is None else d[k].to(wire)) for d, b in zip(diffs, bad) if not b)
+                                for k in floats
+                            }
                             for s, d in zip(states, diffs):
                                 for k in floats:
                                     s[k].sub_(alpha * d[k])
@@ -241,7 +257,7 @@ def replay_easgd(
                                  "layers": layers}
                             )
                             for k in floats:
-                                center[k].add_(alpha * total[k])
+                                center[k].add_(alpha * torch.as_tensor(total[k]).to(center[k].dtype))
                             for s, w, b in zip(states, workers, bad):
                                 if b:
                                     for k in floats:
@@ -262,6 +278,8 @@ class Recorder(L.Callback):
         self.out = Path(out)
         self.val_seen: list[dict[str, Tensor]] = []
         self.collectives: list[tuple[int, dict[str, int]]] = []
+        self.traffic: list[tuple[int, list[tuple[str, tuple[int, ...], int]]]] = []  # per batch, see TRAFFIC
+        self._traffic_at = 0
         self.start_state: dict[str, Tensor] = {}
         self._before: dict[str, int] = {}
 
@@ -278,14 +296,18 @@ class Recorder(L.Callback):
     # the loop does before `on_train_batch_start` counts too.
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._before = dict(COUNTS)
+        self._traffic_at = len(TRAFFIC)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._before = dict(COUNTS)
+        self._traffic_at = len(TRAFFIC)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         diff = {k: COUNTS.get(k, 0) - self._before.get(k, 0) for k in COUNTS}
         self.collectives.append((trainer.global_step, {k: v for k, v in diff.items() if v}))
+        self.traffic.append((trainer.global_step, TRAFFIC[self._traffic_at :]))
         self._before = dict(COUNTS)
+        self._traffic_at = len(TRAFFIC)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         strategy = trainer.strategy
@@ -296,12 +318,16 @@ class Recorder(L.Callback):
                 "center": {n: v.clone() for n, v in zip(averager.names, averager.center_values())},
                 "val_seen": self.val_seen,
                 "collectives": self.collectives,
+                "traffic": self.traffic,
+                "bytes_per_exchange": averager.bytes_per_exchange,
                 "start_state": self.start_state,
                 "start_optim": self.start_optim,
                 "optim": [o.state_dict() for o in trainer.optimizers],
                 "alpha": averager.alpha,
                 "buckets": len(averager.layout.buckets),
                 "wrapped": type(strategy.model).__name__,
+                "topology": (strategy.num_workers, strategy.ranks_per_worker, strategy.worker_index,
+                             strategy.rank_in_worker),
             },
             self.out / f"rank{trainer.global_rank}.pt",
         )
@@ -312,7 +338,10 @@ COLLECTIVES = (
     "all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
     "reduce", "gather", "scatter", "barrier", "send", "recv", "isend", "irecv", "all_to_all", "all_to_all_single",
     "all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list", "monitored_barrier",
+    "all_gather_single",
 )
+TRAFFIC: list[tuple[str, tuple[int, ...], int]] = []
+"""(collective, ranks of its group, bytes of its tensor) of every reduction and gather, in call order."""
 
 
 def count_collectives(monkeypatch: Any) -> None:
@@ -320,11 +349,18 @@ def count_collectives(monkeypatch: Any) -> None:
     import torch.distributed as dist
 
     COUNTS.clear()
+    TRAFFIC.clear()
     for name in COLLECTIVES:
         original = getattr(dist, name)
 
         def wrapper(*args: Any, __name: str = name, __original: Any = original, **kwargs: Any) -> Any:
             COUNTS[__name] = COUNTS.get(__name, 0) + 1
+            if __name in ("all_reduce", "all_gather_single", "all_gather_into_tensor"):
+                tensor = args[1] if __name != "all_reduce" else args[0]  # the input
+                group = kwargs.get("group")
+                ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(
+                    range(dist.get_world_size()))
+                TRAFFIC.append((__name, ranks, tensor.numel() * tensor.element_size()))
             return __original(*args, **kwargs)
 
         monkeypatch.setattr(dist, name, wrapper)

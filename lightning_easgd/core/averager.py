@@ -42,8 +42,15 @@ from lightning_easgd.core.worker import (
 )
 
 _EXCHANGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# torch >= 2.9 renamed all_gather_into_tensor (which now warns on every call).
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _all_gather(output: Tensor, input: Tensor, group: dist.ProcessGroup | None) -> dist.Work:
+    """Start gathering every rank's equal-sized ``input`` into ``output``; recent torch renamed the collective
+    (all_gather_into_tensor warns on every call there)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    work = gather(output, input, group=group, async_op=True)
+    assert work is not None
+    return work
 
 
 def master_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -401,7 +408,7 @@ class ElasticAverager(ElasticWorker):
                 assert self._gather is not None
                 n = flat.numel() * k
                 full = self._gather[: n * flat.element_size()].view(flat.dtype)
-                self._wait_for([_all_gather(full, flat, group=self.worker_group, async_op=True)])
+                self._wait_for([_all_gather(full, flat, self.worker_group)])
                 flat = full
             yield flat
 
