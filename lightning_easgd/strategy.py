@@ -122,7 +122,10 @@ class EASGDStrategy(DDPStrategy):
             with the last good checkpoint intact. ``"reset"``: the diverged workers' contributions are dropped,
             they restart from the center with empty optimizer state, and a warning names them.
         timeout: how long collectives, the exchange included, may wait for a peer before failing with an error
-            (a dead or stalled worker then stops the run instead of hanging it). Default: 30 minutes.
+            (a dead or stalled worker then stops the run instead of hanging it). Default: 30 minutes. With gloo the
+            exchange raises :class:`~lightning_easgd.core.ExchangeError` after it; with NCCL it is the process
+            group's timeout, enforced by NCCL's watchdog, which aborts the communicator (and, with
+            ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` at its default, the process) and logs the collective that timed out.
         checkpoint_io: defaults to :class:`~lightning_easgd.checkpoint_io.AtomicCheckpointIO`, which never leaves
             a partial checkpoint file behind.
         accelerator, parallel_devices, cluster_environment, precision_plugin, process_group_backend,
@@ -345,6 +348,13 @@ class EASGDStrategy(DDPStrategy):
             rank_zero_warn(
                 "EASGDStrategy is running with a single worker: EASGD needs at least 2 workers to average; the "
                 "elastic pull still runs, without any communication between workers."
+            )
+        if dist.is_initialized() and dist.get_backend() == "nccl" and os.environ.get(
+            "TORCH_NCCL_ASYNC_ERROR_HANDLING", "3"
+        ) == "0":
+            rank_zero_warn(
+                "EASGD: TORCH_NCCL_ASYNC_ERROR_HANDLING=0 disables NCCL's handling of collective timeouts: a dead or "
+                "stalled peer then hangs the exchange instead of ending the run after `timeout`; unset it."
             )
         alpha, warning = resolve_alpha(self._alpha, self.beta, p)
         if warning:

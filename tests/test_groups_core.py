@@ -228,3 +228,24 @@ def test_placement_is_checked_by_name() -> None:
     with pytest.raises(ValueError, match=r"tensor 'scale' is on meta but the model runs on cpu"):
         check_device([*module.named_parameters(), *module.named_buffers()], torch.device("cpu"))
     check_device(list(module.named_parameters()), torch.device("cpu"))
+
+
+def test_nccl_waits_leave_timeouts_to_the_process_group() -> None:
+    """On NCCL ``Work.wait(timeout)`` only polls on the host while the watchdog may abort the process: the exchange
+    waits plainly there and relies on the process group's timeout; gloo keeps the exchange's own limit."""
+    lin = torch.nn.Linear(2, 1)
+    avg = ElasticAverager(list(lin.named_parameters()), tau=1, alpha=0.5, timeout=timedelta(seconds=7))
+
+    class Work:
+        def __init__(self) -> None:
+            self.calls: list[tuple[Any, ...]] = []
+
+        def wait(self, *args: Any) -> bool:
+            self.calls.append(args)
+            return True
+
+    for nccl, expected in ((False, [(timedelta(seconds=7),)]), (True, [()])):
+        avg._nccl = nccl
+        work = Work()
+        avg._wait_for([work])  # type: ignore[list-item]
+        assert work.calls == expected
