@@ -210,3 +210,20 @@ def test_async_refuses_what_only_the_synchronous_averager_does(kwargs: dict[str,
 def test_center_device_cpu_default_overlap_is_off() -> None:
     assert EASGDStrategy(center_device="cpu").overlap is False
     assert EASGDStrategy().overlap is True
+
+
+def test_groups_batchnorm_buffers_are_the_first_ranks(tmp_path: Path) -> None:
+    """Each rank updates BatchNorm statistics from its own batch and DDP keeps the worker's first rank's; the
+    exchange takes the first rank's too. Against a replay that runs every rank's batch apart (not their union)."""
+    module, init = twins(ToyRegressor, 14, batchnorm=True, momentum=0.9)
+    dataset = make_dataset(48)
+    _, records = fit_fork(module, dataset, tmp_path, p=4, epochs=1, batch_size=2,
+                          strategy=EASGDStrategy(tau=2, ranks_per_worker=2, start_method="fork"))
+    expected = replay_easgd(init, dataset, p=2, tau=2, alpha=0.45, epochs=1, batch_size=2, seed=SEED,
+                            ranks_per_worker=2, union_batches=False)
+    for rank, rec in enumerate(records):
+        assert_close(rec["center"], expected.center, ATOL, f"rank {rank} center")
+        worker, first = divmod(rank, 2)
+        params = {k: v for k, v in expected.workers[worker].items() if "running" not in k}
+        assert_close(rec["local"], expected.workers[worker] if first == 0 else params, ATOL, f"rank {rank}")
+    assert not torch.equal(records[0]["center"]["net.1.running_mean"], init.net[1].running_mean)

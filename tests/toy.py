@@ -85,13 +85,33 @@ class ToyRegressor(L.LightningModule):
         (optimizer,) = self._replay_optimizers
         optimizer.zero_grad()
         for batch in micro_batches[:-1]:
-            (self.loss(batch) / len(micro_batches)).backward()
+            self.replay_backward(batch, len(micro_batches))
 
         def closure_and_step() -> None:
-            (self.loss(micro_batches[-1]) / len(micro_batches)).backward()
+            self.replay_backward(micro_batches[-1], len(micro_batches))
             optimizer.step()
 
         yield closure_and_step
+
+    def replay_backward(self, batch: Any, divisor: int) -> None:
+        """Backward of one micro-batch's loss / ``divisor``; for :class:`Shards`, what DDP does inside a worker:
+        every rank starts from the first rank's buffers and updates them with its own batch, the gradient is the
+        mean of the ranks' gradients, and the worker keeps its first rank's buffers."""
+        if not isinstance(batch, Shards):
+            (self.loss(batch) / divisor).backward()
+            return
+        start = {name: b.clone() for name, b in self.named_buffers()}
+        first: dict[str, Tensor] = {}
+        for j, shard in enumerate(batch):
+            with torch.no_grad():
+                for name, b in self.named_buffers():
+                    b.copy_(start[name])
+            (self.loss(shard) / divisor / len(batch)).backward()
+            if j == 0:
+                first = {name: b.clone() for name, b in self.named_buffers()}
+        with torch.no_grad():
+            for name, b in self.named_buffers():
+                b.copy_(first[name])
 
 
 class NaNLossRegressor(ToyRegressor):
@@ -144,6 +164,10 @@ class TwoOptimizerRegressor(ToyRegressor):
             opt.zero_grad()
             self.loss(batch).backward()
             yield opt.step
+
+
+class Shards(tuple):
+    """The batches of a worker's ranks at one micro-batch, kept apart (see ToyRegressor.replay_backward)."""
 
 
 def twins(cls: type[ToyRegressor], seed: int, **kwargs: Any) -> tuple[ToyRegressor, ToyRegressor]:
@@ -203,6 +227,7 @@ def replay_easgd(
     reset_nonfinite: bool = False,
     ranks_per_worker: int = 1,
     exchange_dtype: torch.dtype | None = None,
+    union_batches: bool = True,
 ) -> Replay:
     """Run Eq. 5-6 of the paper on p copies of ``module`` in one process.
 
@@ -214,6 +239,8 @@ def replay_easgd(
     batch is the union of theirs: for a mean loss over equal-sized batches the gradient of the union is the mean of
     the ranks' gradients, which is what DDP computes inside a worker. With ``exchange_dtype``, every d_i is rounded
     to it and summed in it (a p = 2 sum rounds once, so it is exact whatever order a collective adds in).
+    With ``union_batches=False`` the ranks' batches stay apart (:class:`Shards`), for models whose loss is not a
+    mean over samples (BatchNorm), at the cost of a backward per rank.
     """
     workers, states, floats, center = replicas(module, p)
     result = Replay(center=center, workers=[])
@@ -222,7 +249,8 @@ def replay_easgd(
     for epoch in range(epochs):
         shards = [rank_batches(dataset, p * size, r, epoch, batch_size, seed) for r in range(p * size)]
         per_rank = [
-            [[torch.cat(parts) for parts in zip(*batches)] for batches in zip(*shards[g * size : (g + 1) * size])]
+            [[torch.cat(parts) for parts in zip(*batches)] if union_batches else Shards(batches)
+             for batches in zip(*shards[g * size : (g + 1) * size])]
             for g in range(p)
         ]
         for start in range(0, len(per_rank[0]), accumulate):
