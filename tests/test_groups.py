@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 from conftest import SEED, assert_close, fit_fork
@@ -227,3 +229,22 @@ def test_groups_batchnorm_buffers_are_the_first_ranks(tmp_path: Path) -> None:
         params = {k: v for k, v in expected.workers[worker].items() if "running" not in k}
         assert_close(rec["local"], expected.workers[worker] if first == 0 else params, ATOL, f"rank {rank}")
     assert not torch.equal(records[0]["center"]["net.1.running_mean"], init.net[1].running_mean)
+
+
+def test_groups_stalled_rank_fails_within_the_timeout(tmp_path: Path) -> None:
+    """Rank 3 (worker 1) stalls: the other worker's exchange (or rank 2's DDP all-reduce, whichever fails first)
+    fails after `timeout` instead of hanging."""
+    import time
+
+    class Stall(L.Callback):
+        def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+            if trainer.global_rank == 3 and trainer.global_step == 3:
+                time.sleep(120)
+
+    start = time.monotonic()
+    with pytest.raises(Exception, match=r"(?s)(EASGD exchange at step 4 failed on rank [01] \(worker 0\)"
+                                        r".*timeout 3 s)|[Tt]imed? ?out"):
+        fit_fork(ToyRegressor(), make_dataset(48), tmp_path, p=4, epochs=1, batch_size=2, callbacks=[Stall()],
+                 strategy=EASGDStrategy(tau=2, ranks_per_worker=2, timeout=timedelta(seconds=3),
+                                        start_method="fork"))
+    assert time.monotonic() - start < 60
