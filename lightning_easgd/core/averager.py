@@ -206,13 +206,12 @@ class ElasticAverager(ElasticWorker):
                         if self.ranks_per_worker > 1 else None)
         self._center = self._shard.allocate(self._masters, device=self._host, pin=pin)
         self._center_seg = self._shard.views(self._center)
-        self._center_views = self._center_seg
+        # d_i is idle between exchanges: it keeps this rank's slice of the local values while the center is swapped in.
         self._diff = self._shard.allocate(self._masters, device=self._host, pin=pin)
         # The all-reduce overwrites its buffer with Σ_i d_i while this worker still needs its own d_i.
         self._sum = self._shard.allocate(wires, device=self._host, pin=pin) if self.world_size > 1 else self._diff
         self._wires = wires
         self._diff_seg = self._shard.views(self._diff)
-        self._local_views = self._diff_seg  # d_i is idle between steps: it keeps the local values during swaps
         self._seg_tensor = torch.tensor([s.tensor for s in self._shard.segments], dtype=torch.long,
                                         device=self._diff[0].device)
         with torch.no_grad():
@@ -306,7 +305,7 @@ class ElasticAverager(ElasticWorker):
             raise
         self._pending.works.clear()
 
-    def _wait_for(self, works: list[dist.Work]) -> None:
+    def _wait_for(self, works: list[dist.Work], consequence: str = "the center was not updated") -> None:
         try:
             for work in works:
                 # On NCCL a wait with a timeout only polls on the host, and the watchdog (process-group timeout,
@@ -320,8 +319,7 @@ class ElasticAverager(ElasticWorker):
             raise ExchangeError(
                 f"EASGD exchange at step {self.clock} failed on rank {self._global_rank}{self._worker_label()}: "
                 f"{error}. A peer may have died or stalled"
-                f"{'' if self.timeout is None else f' (timeout {self.timeout.total_seconds():g} s)'}; the center "
-                "was not updated."
+                f"{'' if self.timeout is None else f' (timeout {self.timeout.total_seconds():g} s)'}; {consequence}."
             ) from error
 
     def _end(self) -> None:
@@ -411,7 +409,8 @@ class ElasticAverager(ElasticWorker):
                 assert self._gather is not None
                 n = flat.numel() * k
                 full = self._gather[: n * flat.element_size()].view(flat.dtype)
-                self._wait_for([_all_gather(full, flat, self.worker_group)])
+                self._wait_for([_all_gather(full, flat, self.worker_group)],
+                               "this worker's weights may now be partly updated")
                 flat = full
             yield flat
 

@@ -60,7 +60,9 @@ class ElasticWorker:
     """One worker's side of EASGD, minus the exchange itself (subclasses implement ``step()``).
 
     Subclasses set ``self._local_views`` (where the local values wait while the center is swapped in) and, if
-    their copy of the center can go stale, override :meth:`_refresh_center`.
+    their copy of the center can go stale, override :meth:`_refresh_center`. A subclass that keeps only part of the
+    center (the synchronous averager with worker groups) overrides :meth:`_init_center` and the methods that move
+    the center and the local values.
 
     Args:
         named_tensors: the tensors that take part in the exchange (parameters and floating-point buffers).
