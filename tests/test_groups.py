@@ -248,3 +248,20 @@ def test_groups_stalled_rank_fails_within_the_timeout(tmp_path: Path) -> None:
                  strategy=EASGDStrategy(tau=2, ranks_per_worker=2, timeout=timedelta(seconds=3),
                                         start_method="fork"))
     assert time.monotonic() - start < 60
+
+
+def test_bf16_true_weights_keep_a_float32_center(tmp_path: Path) -> None:
+    """bf16 weights (`bf16-true`): the center is float32 and equals a float32 replay of it; the workers' weights
+    are the replay's pull rounded once into bf16."""
+    module, init = twins(ToyRegressor, 15, dtype="bfloat16")
+    dataset = make_dataset(48, dtype=torch.bfloat16)
+    _, records = fit_fork(module, dataset, tmp_path, p=2, epochs=1, batch_size=4, precision="bf16-true",
+                          strategy=EASGDStrategy(tau=2, start_method="fork"))
+    expected = replay_easgd(init, dataset, p=2, tau=2, alpha=0.45, epochs=1, batch_size=4, seed=SEED)
+    for rank, rec in enumerate(records):
+        assert rec["center"]["net.0.weight"].dtype == torch.float32
+        assert rec["local"]["net.0.weight"].dtype == torch.bfloat16
+        assert_close(rec["center"], expected.center, 1e-6, f"rank {rank} center")  # fused multiply-add: 1 ulp
+        assert_close(rec["local"], expected.workers[rank], 0.0, f"rank {rank} local weights")
+    # A bf16 center would have lost some of the updates the float32 one kept.
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in records[0]["center"].values())

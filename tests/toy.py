@@ -243,6 +243,8 @@ def replay_easgd(
     mean over samples (BatchNorm), at the cost of a backward per rank.
     """
     workers, states, floats, center = replicas(module, p)
+    # 16-bit weights: the center and d in float32, the pull computed there and rounded once into the weights.
+    center = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in center.items()}
     result = Replay(center=center, workers=[])
     size = ranks_per_worker
     t = 0
@@ -262,7 +264,8 @@ def replay_easgd(
                         w.replay_position = (r, t)
                     with torch.no_grad():
                         exchange = t > 0 and t % tau == 0
-                        diffs = [{k: s[k] - center[k] for k in floats} for s in states] if exchange else []
+                        diffs = ([{k: s[k].to(center[k].dtype) - center[k] for k in floats} for s in states]
+                                 if exchange else [])
                     for step in steps:
                         step()
                     with torch.no_grad():
@@ -276,7 +279,7 @@ def replay_easgd(
                             }
                             for s, d in zip(states, diffs):
                                 for k in floats:
-                                    s[k].sub_(alpha * d[k])
+                                    s[k].copy_(s[k].to(d[k].dtype) - alpha * d[k])
                             norms = [torch.sqrt(sum((d[k].double() ** 2).sum() for k in floats)) for d in diffs]
                             layers = [{k: float(d[k].double().norm()) for k in floats} for d in diffs]
                             cnorm = torch.sqrt(sum((center[k].double() ** 2).sum() for k in floats))
