@@ -406,6 +406,9 @@ class EASGDStrategy(DDPStrategy):
                 self._averager.restore_local()
             self._averager = None
         self._failed = False
+        if isinstance(self.model, DistributedDataParallel):
+            # Unwrap here: DDPStrategy.teardown would suggest static_graph=True, a DDP option this strategy refuses.
+            self.model = self.lightning_module
         super().teardown()
 
     @override

@@ -213,9 +213,11 @@ def check_device(named_tensors: Sequence[tuple[str, Tensor]], device: torch.devi
 
 
 def broadcast_tensors(
-    tensors: Sequence[Tensor], src: int = 0, group: dist.ProcessGroup | None = None, bucket_cap_mb: float = 25.0
+    tensors: Sequence[Tensor], src: int = 0, group: dist.ProcessGroup | None = None,
+    bucket_cap_mb: float | None = DEFAULT_BUCKET_CAP_MB,
 ) -> None:
-    """Overwrite ``tensors`` in place with rank ``src``'s values, one broadcast per bucket."""
+    """Overwrite ``tensors`` in place with global rank ``src``'s values (``src`` must be in ``group``), one broadcast
+    per bucket."""
     if not tensors or not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return
     layout = FlatLayout(tensors, bucket_cap_mb)
