@@ -63,6 +63,9 @@ _DDP_COMM_OPTIONS = {
     "model_averaging_period": "EASGD replaces periodic model averaging; set tau (and alpha or beta) instead",
 }
 _DDP_WRAPPER_OPTIONS = frozenset(inspect.signature(DistributedDataParallel.__init__).parameters) - {"self", "module"}
+_WORKER_DDP_OPTIONS = frozenset({"find_unused_parameters", "gradient_as_bucket_view", "static_graph"})
+"""DistributedDataParallel options that still mean something for the DDP inside a worker group (the others set what
+the strategy decides: the process group, devices, buffer broadcasting, or clash with the exchange's bucket_cap_mb)."""
 
 
 class EASGDStrategy(DDPStrategy):
@@ -130,13 +133,16 @@ class EASGDStrategy(DDPStrategy):
             a partial checkpoint file behind.
         accelerator, parallel_devices, cluster_environment, precision_plugin, process_group_backend,
         start_method: as for :class:`~lightning.pytorch.strategies.DDPStrategy`.
+        **kwargs: with ``ranks_per_worker`` > 1, ``find_unused_parameters``, ``gradient_as_bucket_view`` and
+            ``static_graph`` are passed to the DistributedDataParallel inside each worker.
 
     Raises:
         ValueError: for an invalid ``tau``, ``alpha``, ``beta``, ``bucket_cap_mb``, ``ranks_per_worker``,
             ``center_device``, ``exchange_dtype`` or ``start_method``, and for options of DDP that have no meaning
             here (communication hooks, ``model_averaging_period``, DistributedDataParallel's own arguments such as
-            ``find_unused_parameters``). At setup: a world size that ``ranks_per_worker`` does not divide, and a
-            floating-point tensor of the module on another device than the model's.
+            ``find_unused_parameters`` with one rank per worker, and those the strategy sets itself with more). At
+            setup: a world size that ``ranks_per_worker`` does not divide, and a floating-point tensor of the module
+            on another device than the model's.
         TypeError: for any other unknown keyword argument.
     """
 
@@ -164,7 +170,7 @@ class EASGDStrategy(DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **kwargs: Any,
     ) -> None:
-        _refuse_ddp_options(kwargs)
+        self._worker_ddp_kwargs = _worker_ddp_options(kwargs, grouped=ranks_per_worker != 1)
         self.tau = validate_tau(tau)
         self._alpha = None if alpha is None else validate_alpha(alpha)
         self.beta = validate_beta(beta)
@@ -335,7 +341,7 @@ class EASGDStrategy(DDPStrategy):
         if fitting and self._topology.worker_group is not None:
             # Inside a worker, gradients are averaged every step by DDP on the worker's own process group. Wrapped
             # after the resume so that DDP's initial broadcast finds the worker's restored weights.
-            self._ddp_kwargs = {"process_group": self._topology.worker_group}
+            self._ddp_kwargs = {"process_group": self._topology.worker_group, **self._worker_ddp_kwargs}
             self.configure_ddp()
 
     def _setup_averager(self) -> None:
@@ -343,6 +349,12 @@ class EASGDStrategy(DDPStrategy):
         assert module is not None
         check_device([*module.named_parameters(), *module.named_buffers()], self.root_device)
         self._topology = worker_topology(self._resolve_ranks_per_worker(), self.world_size, self.global_rank)
+        if self._worker_ddp_kwargs and self._topology.worker_group is None:
+            raise ValueError(
+                f"{', '.join(f'{k}={v!r}' for k, v in self._worker_ddp_kwargs.items())} configure the DDP inside a "
+                f"worker group, but ranks_per_worker={self._ranks_per_worker!r} gives one rank per worker here, and "
+                "such a worker is not wrapped in DistributedDataParallel; remove them"
+            )
         p = self._topology.num_workers
         if p < 2:
             rank_zero_warn(
@@ -658,15 +670,26 @@ def _workers(start: int, stop: int) -> str:
     return f"worker {start}" if stop - start == 1 else f"workers {start}-{stop - 1}"
 
 
-def _refuse_ddp_options(kwargs: Mapping[str, Any]) -> None:
+def _worker_ddp_options(kwargs: Mapping[str, Any], grouped: bool) -> dict[str, Any]:
+    """The DistributedDataParallel options for the DDP inside a worker group; refuse every other DDP option."""
+    accepted: dict[str, Any] = {}
     for name in kwargs:
         if name in _DDP_COMM_OPTIONS:
             raise ValueError(f"EASGDStrategy does not accept {name}={kwargs[name]!r}: {_DDP_COMM_OPTIONS[name]}.")
         if name in _DDP_WRAPPER_OPTIONS:
+            if grouped and name in _WORKER_DDP_OPTIONS:
+                accepted[name] = kwargs[name]
+                continue
             raise ValueError(
                 f"EASGDStrategy does not accept {name}={kwargs[name]!r}: it is an option of DistributedDataParallel, "
-                "and EASGD never wraps the model in DistributedDataParallel (workers train independently between "
-                "exchanges)."
+                + ("and with one rank per worker EASGD never wraps the model in DistributedDataParallel (workers "
+                   "train independently between exchanges); with ranks_per_worker > 1, "
+                   f"{', '.join(sorted(_WORKER_DDP_OPTIONS))} configure the DDP inside each worker."
+                   if not grouped else
+                   "and inside a worker group the strategy sets it itself; only "
+                   f"{', '.join(sorted(_WORKER_DDP_OPTIONS))} can be passed to the DDP inside each worker.")
             )
-    if kwargs:
-        raise TypeError(f"EASGDStrategy got unexpected keyword argument(s): {', '.join(sorted(kwargs))}")
+    unknown = set(kwargs) - set(accepted)
+    if unknown:
+        raise TypeError(f"EASGDStrategy got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    return accepted

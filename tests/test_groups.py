@@ -265,3 +265,25 @@ def test_bf16_true_weights_keep_a_float32_center(tmp_path: Path) -> None:
         assert_close(rec["local"], expected.workers[rank], 0.0, f"rank {rank} local weights")
     # A bf16 center would have lost some of the updates the float32 one kept.
     assert any(not torch.equal(v, v.bfloat16().float()) for v in records[0]["center"].values())
+
+
+class UnusedParameterRegressor(ToyRegressor):
+    """A parameter that gets no gradient: the DDP inside a worker needs find_unused_parameters=True for it."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.unused = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+
+
+def test_worker_ddp_options_are_passed_inside_groups_only(tmp_path: Path) -> None:
+    _, records = fit_fork(UnusedParameterRegressor(), make_dataset(16), tmp_path, p=4, epochs=1, batch_size=2,
+                          strategy=EASGDStrategy(tau=2, ranks_per_worker=2, find_unused_parameters=True,
+                                                 start_method="fork"))
+    for rank, rec in enumerate(records):
+        for name, value in rec["local"].items():
+            assert torch.equal(value, records[rank // 2 * 2]["local"][name])
+    with pytest.raises(ValueError, match=r"find_unused_parameters=True: it is an option of DistributedDataParallel, "
+                                         r"and with one rank per worker .* with ranks_per_worker > 1"):
+        EASGDStrategy(find_unused_parameters=True)
+    with pytest.raises(ValueError, match=r"broadcast_buffers=False: .* inside a worker group the strategy sets it"):
+        EASGDStrategy(ranks_per_worker=2, broadcast_buffers=False)
