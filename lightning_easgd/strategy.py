@@ -348,7 +348,8 @@ class EASGDStrategy(DDPStrategy):
         module = self.lightning_module
         assert module is not None
         check_device([*module.named_parameters(), *module.named_buffers()], self.root_device)
-        self._topology = worker_topology(self._resolve_ranks_per_worker(), self.world_size, self.global_rank)
+        self._topology = worker_topology(self._resolve_ranks_per_worker(), self.world_size, self.global_rank,
+                                         timeout=self._timeout)
         if self._worker_ddp_kwargs and self._topology.worker_group is None:
             raise ValueError(
                 f"{', '.join(f'{k}={v!r}' for k, v in self._worker_ddp_kwargs.items())} configure the DDP inside a "

@@ -258,3 +258,48 @@ def test_nccl_waits_leave_timeouts_to_the_process_group() -> None:
         work = Work()
         avg._wait_for([work])  # type: ignore[list-item]
         assert work.calls == expected
+
+
+def test_default_bucket_size_follows_the_device() -> None:
+    from types import SimpleNamespace
+
+    from lightning_easgd.core.buckets import resolve_bucket_cap_mb
+
+    cpu = torch.zeros(1)
+    cuda = SimpleNamespace(device=torch.device("cuda", 0))  # only the device is read
+    assert resolve_bucket_cap_mb(None, [cpu]) == 25.0
+    assert resolve_bucket_cap_mb(None, [cpu, cuda]) == 256.0  # type: ignore[list-item]
+    assert resolve_bucket_cap_mb(4.0, [cuda]) == 4.0  # type: ignore[list-item]
+
+
+def _stalled_group(rank: int, store: str, out: str) -> None:
+    import time
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
+    topo = worker_topology(2, WORLD, rank, timeout=timedelta(seconds=2))
+    if rank == 3:
+        time.sleep(30)  # never joins its worker's all-reduce
+    elif rank == 2:
+        start = time.monotonic()
+        try:
+            dist.all_reduce(torch.ones(1), group=topo.worker_group)
+            outcome = "no error"
+        except RuntimeError as error:
+            outcome = f"{type(error).__name__}: {error}"
+        Path(f"{out}/rank2.txt").write_text(f"{time.monotonic() - start:.1f} {outcome}")
+
+
+def test_worker_groups_use_the_given_timeout(tmp_path: Path) -> None:
+    """torch gives new groups its own default timeout, not the world's: the strategy's must reach them."""
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_stalled_group, args=(r, str(tmp_path / "store"), str(tmp_path)))
+             for r in range(WORLD)]
+    for proc in procs:
+        proc.start()
+    procs[2].join(timeout=40)
+    for proc in procs:
+        proc.kill()
+        proc.join(timeout=5)
+    waited, outcome = (tmp_path / "rank2.txt").read_text().split(" ", 1)
+    assert outcome != "no error" and float(waited) < 15, (waited, outcome)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch.distributed as dist
 
@@ -47,8 +48,13 @@ def validate_ranks_per_worker(ranks_per_worker: object) -> int | str:
     return int(ranks_per_worker)
 
 
-def worker_topology(ranks_per_worker: int, world_size: int, global_rank: int) -> WorkerTopology:
+def worker_topology(
+    ranks_per_worker: int, world_size: int, global_rank: int, timeout: timedelta | None = None
+) -> WorkerTopology:
     """Build the worker and column process groups (collective: every rank calls it with the same arguments).
+
+    ``timeout`` is the groups' own collective timeout (torch otherwise gives new groups its default, not the world
+    group's): on NCCL it is what ends a stuck exchange or gradient all-reduce.
 
     Raises:
         ValueError: if ``world_size`` is not a multiple of ``ranks_per_worker``.
@@ -63,6 +69,8 @@ def worker_topology(ranks_per_worker: int, world_size: int, global_rank: int) ->
     if k == 1:
         return WorkerTopology(1, p, global_rank, 0, None, None)
     # Every rank creates every group, in the same order, as torch.distributed requires.
-    worker_group, _ = dist.new_subgroups_by_enumeration([list(range(g * k, (g + 1) * k)) for g in range(p)])
-    column_group, _ = dist.new_subgroups_by_enumeration([list(range(j, world_size, k)) for j in range(k)])
+    worker_group, _ = dist.new_subgroups_by_enumeration([list(range(g * k, (g + 1) * k)) for g in range(p)],
+                                                         timeout=timeout)
+    column_group, _ = dist.new_subgroups_by_enumeration([list(range(j, world_size, k)) for j in range(k)],
+                                                         timeout=timeout)
     return WorkerTopology(k, p, global_rank // k, global_rank % k, worker_group, column_group)
