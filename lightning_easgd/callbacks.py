@@ -1,7 +1,7 @@
 """ElasticDistanceMonitor: how far the workers wander from the center, logged at every exchange.
 
-The distances ride in the exchange's own all-reduce (each rank fills its slot of a small vector), so every rank
-knows every rank's distance and monitoring adds no collective on the steps between exchanges.
+The distances ride in the exchange's own all-reduce (each worker fills its slot of a small vector), so every rank
+knows every worker's distance and monitoring adds no collective on the steps between exchanges.
 """
 
 from __future__ import annotations
@@ -20,10 +20,14 @@ PREFIX = "easgd/"
 class ElasticDistanceMonitor(Callback):
     """Log ‖x_i − x̃‖₂ (taken from d_i, before the pull) at each exchange through the Trainer's loggers.
 
+    Distances are per worker: with ``EASGDStrategy(ranks_per_worker=k)`` a worker is k ranks holding the same
+    weights, and worker i's distance is assembled from its ranks' slices; ``..._rank{i}`` then names worker i, not
+    global rank i (with k = 1 the two coincide).
+
     Logged under ``easgd/``, with the worker's optimizer-step count t at the exchange as the step:
-    ``distance_mean`` and ``distance_max`` over ranks, the same relative to ‖x̃‖₂ (``relative_distance_mean``,
+    ``distance_mean`` and ``distance_max`` over workers, the same relative to ‖x̃‖₂ (``relative_distance_mean``,
     ``relative_distance_max``), and ``center_norm`` (‖x̃‖₂ of the center the differences were taken against).
-    ``per_rank`` adds ``distance_rank{i}`` and ``relative_distance_rank{i}``; ``per_layer`` adds
+    ``per_rank`` adds ``distance_rank{i}`` and ``relative_distance_rank{i}`` for every worker i; ``per_layer`` adds
     ``layer/<state_dict key>/distance_mean`` and ``.../distance_max`` for every averaged tensor (and
     ``.../distance_rank{i}`` with ``per_rank``). Scalars an exchange algorithm adds to its statistics (such as
     the asynchronous strategy's center version lag) are logged under ``easgd/`` with their own names.
@@ -34,7 +38,7 @@ class ElasticDistanceMonitor(Callback):
 
     Args:
         per_layer: also log the distance of every parameter and buffer tensor.
-        per_rank: also log every worker's own distance.
+        per_rank: also log every worker's own distance (named ``rank{i}`` for worker i).
         log_every_n_exchanges: log exchanges k = t/τ with k % n == 0.
     """
 

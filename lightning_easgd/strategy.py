@@ -2,8 +2,10 @@
 
 It subclasses :class:`~lightning.pytorch.strategies.DDPStrategy` to inherit what is not specific to DDP's gradient
 all-reduce: the launchers (popen, spawn, fork), the cluster environments (torchrun, SLURM, LSF, MPI), process-group
-setup, the DistributedSampler and ``sync_dist`` logging. It never wraps the module in DistributedDataParallel, so
-between exchanges nothing is communicated; the exchange itself lives in :class:`~lightning_easgd.core.ElasticAverager`.
+setup, the DistributedSampler and ``sync_dist`` logging. With one rank per worker (the paper's setting) it never wraps
+the module in DistributedDataParallel, so between exchanges nothing is communicated; with worker groups of k ranks
+it wraps the module in DistributedDataParallel on the worker's own process group only. The exchange itself lives in
+:class:`~lightning_easgd.core.ElasticAverager`.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
-from torch.distributed import ProcessGroup
 from torch.nn import Module
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
@@ -43,7 +44,10 @@ from typing_extensions import override
 from lightning_easgd.checkpoint_io import AtomicCheckpointIO
 from lightning_easgd.checkpointing import WorkerCheckpoints
 from lightning_easgd.core import DEFAULT_BETA, ElasticAverager, broadcast_tensors, resolve_alpha
+from lightning_easgd.core.averager import validate_center_device, validate_exchange_dtype
+from lightning_easgd.core.buckets import check_device
 from lightning_easgd.core.hyperparams import validate_alpha, validate_beta, validate_tau
+from lightning_easgd.core.topology import WorkerTopology, validate_ranks_per_worker, worker_topology
 from lightning_easgd.core.worker import ElasticWorker, NonFinitePolicy
 from lightning_easgd.guards import PerStepSyncGuard, refuse_weight_averaging
 
@@ -57,6 +61,9 @@ _DDP_COMM_OPTIONS = {
     "model_averaging_period": "EASGD replaces periodic model averaging; set tau (and alpha or beta) instead",
 }
 _DDP_WRAPPER_OPTIONS = frozenset(inspect.signature(DistributedDataParallel.__init__).parameters) - {"self", "module"}
+_WORKER_DDP_OPTIONS = frozenset({"find_unused_parameters", "gradient_as_bucket_view", "static_graph"})
+"""DistributedDataParallel options that still mean something for the DDP inside a worker group (the others set what
+the strategy decides: the process group, devices, buffer broadcasting, or clash with the exchange's bucket_cap_mb)."""
 
 
 class EASGDStrategy(DDPStrategy):
@@ -67,6 +74,15 @@ class EASGDStrategy(DDPStrategy):
     x_i −= α·d_i and x̃ += α·Σ_i d_i, with Σ_i d_i from one SUM all-reduce that runs while the step computes.
     The center x̃ is replicated, bit-identical, on every rank. Validation, test and predict run on x̃; a
     checkpoint's ``state_dict`` is x̃; after ``fit`` the LightningModule holds x̃.
+
+    Worker groups (``ranks_per_worker=k``): every k consecutive ranks form one worker, p = world_size / k. Inside a
+    worker the module is wrapped in torch's DistributedDataParallel on the worker's process group, so gradients are
+    averaged every step exactly as DDP does (bucketed, overlapping the all-reduce with backward: a hand-written
+    all-reduce would only redo that less well), and all ranks of a worker hold identical parameters. The worker's
+    float buffers are its first rank's, as DDP broadcasts them. Rank j of every worker owns slice j of the center
+    and exchanges only that slice with rank j of the other workers; the worker then all-gathers the elastic pull.
+    Every rank still reads its own DistributedSampler shard, so a worker's batch is the union of its ranks'
+    batches. Distances and divergence are per worker.
 
     The local optimizer decides the variant: ``torch.optim.SGD`` gives EASGD, ``SGD(momentum=δ, nesterov=True)``
     gives EAMSGD (the paper's Algorithm 2, δ = 0.99 there). Optimizer state is never touched by the exchange.
@@ -86,8 +102,18 @@ class EASGDStrategy(DDPStrategy):
         beta: β = p·α used when ``alpha`` is None; the paper uses 0.9 throughout. β must be < 2 (the paper's
             stability analysis), and values above 1 warn.
         overlap: start the all-reduce before the step's forward/backward and wait for it after the local update
-            (True), or wait for it before the step (False). The arithmetic is the same either way.
-        bucket_cap_mb: size of the flat buffers that each all-reduce carries.
+            (True), or wait for it before the step (False). The arithmetic is the same either way. Default: True,
+            and False with ``center_device="cpu"``, which cannot overlap (True is refused there).
+        bucket_cap_mb: size of the flat buffers that each all-reduce carries. Default: 25 MB on CPU (gloo),
+            256 MB on CUDA, where NCCL's per-call cost makes small buckets slow for large models.
+        ranks_per_worker: k, the ranks that form one EASGD worker (an integer that divides the world size), or
+            ``"node"`` for the number of processes per node. Default 1: every rank is a worker (the paper).
+        center_device: None (the parameters' device) or ``"cpu"``: keep the center and d_i in (pinned) host memory
+            and stream them through one bucket-sized device buffer at each exchange, so that the exchange holds
+            one bucket of accelerator memory (plus, with k > 1, one bucket to gather the pull).
+        exchange_dtype: None (the center's dtype, float32 for 16-bit parameters) or ``torch.bfloat16`` /
+            ``"bfloat16"``: d_i travels and is summed in bfloat16 (half the bytes); the center and the pull stay in
+            full precision. ``torch.float32`` / ``"float32"`` is accepted too.
         save_worker_states: with every full checkpoint, store each worker's local weights, optimizer state and
             RNG states in a file of its own, written by that worker next to the checkpoint (see
             :mod:`lightning_easgd.checkpointing`), so that resuming reproduces the uninterrupted run. Without them
@@ -98,16 +124,24 @@ class EASGDStrategy(DDPStrategy):
             with the last good checkpoint intact. ``"reset"``: the diverged workers' contributions are dropped,
             they restart from the center with empty optimizer state, and a warning names them.
         timeout: how long collectives, the exchange included, may wait for a peer before failing with an error
-            (a dead or stalled worker then stops the run instead of hanging it). Default: 30 minutes.
+            (a dead or stalled worker then stops the run instead of hanging it). Default: 30 minutes. With gloo the
+            exchange raises :class:`~lightning_easgd.core.ExchangeError` after it; with NCCL it is the process
+            group's timeout, enforced by NCCL's watchdog, which aborts the communicator (and, with
+            ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` at its default, the process) and logs the collective that timed out.
         checkpoint_io: defaults to :class:`~lightning_easgd.checkpoint_io.AtomicCheckpointIO`, which never leaves
             a partial checkpoint file behind.
         accelerator, parallel_devices, cluster_environment, precision_plugin, process_group_backend,
         start_method: as for :class:`~lightning.pytorch.strategies.DDPStrategy`.
+        **kwargs: with ``ranks_per_worker`` > 1, ``find_unused_parameters``, ``gradient_as_bucket_view`` and
+            ``static_graph`` are passed to the DistributedDataParallel inside each worker.
 
     Raises:
-        ValueError: for an invalid ``tau``, ``alpha``, ``beta``, ``bucket_cap_mb`` or ``start_method``, and for
-            options of DDP that have no meaning here (communication hooks, ``model_averaging_period``,
-            DistributedDataParallel's own arguments such as ``find_unused_parameters``).
+        ValueError: for an invalid ``tau``, ``alpha``, ``beta``, ``bucket_cap_mb``, ``ranks_per_worker``,
+            ``center_device``, ``exchange_dtype`` or ``start_method``, and for options of DDP that have no meaning
+            here (communication hooks, ``model_averaging_period``, DistributedDataParallel's own arguments such as
+            ``find_unused_parameters`` with one rank per worker, and those the strategy sets itself with more). At
+            setup: a world size that ``ranks_per_worker`` does not divide, and a floating-point tensor of the module
+            on another device than the model's.
         TypeError: for any other unknown keyword argument.
     """
 
@@ -118,10 +152,13 @@ class EASGDStrategy(DDPStrategy):
         tau: int = 10,
         alpha: float | None = None,
         beta: float = DEFAULT_BETA,
-        overlap: bool = True,
-        bucket_cap_mb: float = 25.0,
+        overlap: bool | None = None,
+        bucket_cap_mb: float | None = None,
         save_worker_states: bool = True,
         on_nonfinite: NonFinitePolicy = "raise",
+        ranks_per_worker: int | Literal["node"] = 1,
+        center_device: str | None = None,
+        exchange_dtype: str | torch.dtype | None = None,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -132,14 +169,37 @@ class EASGDStrategy(DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **kwargs: Any,
     ) -> None:
-        _refuse_ddp_options(kwargs)
+        self._worker_ddp_kwargs = _worker_ddp_options(kwargs, grouped=ranks_per_worker != 1)
         self.tau = validate_tau(tau)
         self._alpha = None if alpha is None else validate_alpha(alpha)
         self.beta = validate_beta(beta)
-        if not isinstance(overlap, bool):
-            raise ValueError(f"overlap={overlap!r} is invalid: it must be True or False")
-        if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not bucket_cap_mb > 0:
+        if overlap is not None and not isinstance(overlap, bool):
+            raise ValueError(f"overlap={overlap!r} is invalid: it must be True, False or None")
+        if bucket_cap_mb is not None and (
+            isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not bucket_cap_mb > 0
+        ):
             raise ValueError(f"bucket_cap_mb={bucket_cap_mb!r} is invalid: it must be a number > 0 (megabytes)")
+        if type(self)._create_averager is not EASGDStrategy._create_averager:
+            # A subclass that builds another exchange (AsyncEASGDStrategy) would otherwise ignore these.
+            for name, value, default in (("ranks_per_worker", ranks_per_worker, 1),
+                                         ("center_device", center_device, None),
+                                         ("exchange_dtype", exchange_dtype, None)):
+                if value != default:
+                    raise ValueError(
+                        f"{type(self).__name__} does not support {name}={value!r}: worker groups, a host-resident "
+                        "center and the exchange dtype belong to the synchronous averager of EASGDStrategy"
+                    )
+        self._ranks_per_worker = validate_ranks_per_worker(ranks_per_worker)
+        self.center_device = validate_center_device(center_device)
+        self.exchange_dtype = validate_exchange_dtype(exchange_dtype)
+        if overlap is None:
+            overlap = self.center_device is None
+        if overlap and self.center_device is not None:
+            raise ValueError(
+                "overlap=True cannot be combined with center_device='cpu': the host-resident center is streamed "
+                "through one device buffer bucket by bucket before the step, so there is nothing to overlap; leave "
+                "overlap unset (False with center_device='cpu')"
+            )
         if not isinstance(save_worker_states, bool):
             raise ValueError(f"save_worker_states={save_worker_states!r} is invalid: it must be True or False")
         if on_nonfinite not in ("raise", "reset"):
@@ -159,7 +219,7 @@ class EASGDStrategy(DDPStrategy):
             start_method=start_method,
         )
         self.overlap = overlap
-        self.bucket_cap_mb = float(bucket_cap_mb)
+        self.bucket_cap_mb = None if bucket_cap_mb is None else float(bucket_cap_mb)
         self.save_worker_states = save_worker_states
         self.on_nonfinite: NonFinitePolicy = on_nonfinite
         self._averager: ElasticWorker | None = None
@@ -167,6 +227,9 @@ class EASGDStrategy(DDPStrategy):
         self._checkpoints = WorkerCheckpoints(self)
         self._patched_loop: Any = None  # the training epoch loop whose per-batch SIGTERM broadcast is replaced
         self._sync_guard = PerStepSyncGuard()
+        self._topology: WorkerTopology | None = None
+        self._followers: tuple[str, ...] = ()
+        self._failed = False
 
     # ------------------------------------------------------------------ properties
 
@@ -176,40 +239,40 @@ class EASGDStrategy(DDPStrategy):
         return self._averager
 
     @property
-    def alpha(self) -> float | None:
-        """The moving rate in use (resolved from β and the world size at setup when not given)."""
-        return self._averager.alpha if self._averager is not None else self._alpha
-
-    # ------------------------------------------------------------------ worker layout
-    # BEGIN worker layout for ranks_per_worker = 1: one rank per EASGD worker. The worker-groups branch replaces
-    # this block with its implementation (k consecutive ranks per worker); the checkpoint module reads only these.
-
-    @property
-    def ranks_per_worker(self) -> int:
-        """k: the number of consecutive global ranks that form one EASGD worker."""
-        return 1
+    def ranks_per_worker(self) -> int | str:
+        """k, the ranks of one worker: an int after setup (``"node"`` resolves to the processes per node)."""
+        return self._topology.ranks_per_worker if self._topology is not None else self._ranks_per_worker
 
     @property
     def num_workers(self) -> int:
-        """p = world_size / k: the number of EASGD workers."""
-        return self.world_size
+        """p, the number of EASGD workers (world size / ranks per worker)."""
+        if self._topology is not None:
+            return self._topology.num_workers
+        return self.world_size // self._resolve_ranks_per_worker()
 
     @property
     def worker_index(self) -> int:
-        """g = global_rank // k: the EASGD worker this rank belongs to."""
-        return self.global_rank
+        """g, this rank's worker (global rank // ranks per worker)."""
+        return self.global_rank // self._resolve_ranks_per_worker()
 
     @property
     def rank_in_worker(self) -> int:
-        """j = global_rank % k: this rank's place within its worker."""
-        return 0
+        """j, this rank's place in its worker (global rank % ranks per worker); it owns slice j of the center."""
+        return self.global_rank % self._resolve_ranks_per_worker()
 
     @property
-    def worker_group(self) -> ProcessGroup | None:
-        """The process group of this worker's k ranks; None when k = 1."""
-        return None
+    def worker_group(self) -> dist.ProcessGroup | None:
+        """The process group of this rank's worker after setup (None with one rank per worker)."""
+        return self._topology.worker_group if self._topology is not None else None
 
-    # END worker layout
+    def _resolve_ranks_per_worker(self) -> int:
+        k = self._ranks_per_worker
+        return self.num_processes if k == "node" else int(k)
+
+    @property
+    def alpha(self) -> float | None:
+        """The moving rate in use (resolved from β and the world size at setup when not given)."""
+        return self._averager.alpha if self._averager is not None else self._alpha
 
     @property  # type: ignore[override]
     def _layer_sync(self) -> LayerSync | None:
@@ -269,18 +332,42 @@ class EASGDStrategy(DDPStrategy):
         self.setup_precision_plugin()
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
+        self._failed = False
         self._setup_averager()
         self._checkpoints.setup(fitting)
+        assert self._topology is not None
+        if fitting and self._topology.worker_group is not None:
+            # Inside a worker, gradients are averaged every step by DDP on the worker's own process group. Wrapped
+            # after the resume so that DDP's initial broadcast finds the worker's restored weights.
+            self._ddp_kwargs = {"process_group": self._topology.worker_group, **self._worker_ddp_kwargs}
+            self.configure_ddp()
 
     def _setup_averager(self) -> None:
         module = self.lightning_module
         assert module is not None
-        if self.world_size < 2:
+        check_device([*module.named_parameters(), *module.named_buffers()], self.root_device)
+        self._topology = worker_topology(self._resolve_ranks_per_worker(), self.world_size, self.global_rank,
+                                         timeout=self._timeout)
+        if self._worker_ddp_kwargs and self._topology.worker_group is None:
+            raise ValueError(
+                f"{', '.join(f'{k}={v!r}' for k, v in self._worker_ddp_kwargs.items())} configure the DDP inside a "
+                f"worker group, but ranks_per_worker={self._ranks_per_worker!r} gives one rank per worker here, and "
+                "such a worker is not wrapped in DistributedDataParallel; remove them"
+            )
+        p = self._topology.num_workers
+        if p < 2:
             rank_zero_warn(
                 "EASGDStrategy is running with a single worker: EASGD needs at least 2 workers to average; the "
-                "elastic pull still runs, without any communication."
+                "elastic pull still runs, without any communication between workers."
             )
-        alpha, warning = resolve_alpha(self._alpha, self.beta, self.world_size)
+        if dist.is_initialized() and dist.get_backend() == "nccl" and os.environ.get(
+            "TORCH_NCCL_ASYNC_ERROR_HANDLING", "3"
+        ) == "0":
+            rank_zero_warn(
+                "EASGD: TORCH_NCCL_ASYNC_ERROR_HANDLING=0 disables NCCL's handling of collective timeouts: a dead or "
+                "stalled peer then hangs the exchange instead of ending the run after `timeout`; unset it."
+            )
+        alpha, warning = resolve_alpha(self._alpha, self.beta, p)
         if warning:
             rank_zero_warn(warning)
         state = module.state_dict(keep_vars=True)
@@ -293,17 +380,25 @@ class EASGDStrategy(DDPStrategy):
         elastic = [(key, t) for key, t in unique.values() if t.is_floating_point()]
         index = {id(t): i for i, (_, t) in enumerate(elastic)}
         self._state_keys = {key: index[id(v)] for key, v in state.items() if isinstance(v, Tensor) and id(v) in index}
+        buffers = {id(t) for _, t in module.named_buffers()}
+        self._followers = tuple(key for key, t in elastic if id(t) in buffers)
         self._averager = self._create_averager(elastic, alpha)
         log.debug(
-            "EASGD: %d workers, tau=%d, alpha=%g, %d tensors of %d bytes in %d buckets",
-            self.world_size, self.tau, alpha, len(elastic), self._averager.layout.nbytes,
+            "EASGD: %d workers of %d ranks, tau=%d, alpha=%g, %d tensors of %d bytes in %d buckets",
+            p, self._topology.ranks_per_worker, self.tau, alpha, len(elastic), self._averager.layout.nbytes,
             len(self._averager.layout.buckets),
         )
 
     def _create_averager(self, elastic: list[tuple[str, Tensor]], alpha: float) -> ElasticWorker:
         """Build the exchange over ``elastic`` (all ranks hold equal values here); subclasses swap the algorithm."""
-        return ElasticAverager(elastic, tau=self.tau, alpha=alpha, bucket_cap_mb=self.bucket_cap_mb,
-                               overlap=self.overlap, on_nonfinite=self.on_nonfinite, timeout=self._timeout)
+        topology = self._topology
+        assert topology is not None
+        return ElasticAverager(elastic, tau=self.tau, alpha=alpha, group=topology.column_group,
+                               bucket_cap_mb=self.bucket_cap_mb, overlap=self.overlap,
+                               on_nonfinite=self.on_nonfinite, timeout=self._timeout,
+                               worker_group=topology.worker_group, center_device=self.center_device,
+                               exchange_dtype=self.exchange_dtype,
+                               follow_first_rank=self._followers if topology.worker_group is not None else ())
 
     @override
     def teardown(self) -> None:
@@ -312,13 +407,25 @@ class EASGDStrategy(DDPStrategy):
             self._patched_loop = None
         if self._averager is not None:
             module = self.lightning_module
-            if module is not None and module._trainer is not None and module.trainer.state.fn == TrainerFn.FITTING:
+            grouped = self._topology is not None and self._topology.worker_group is not None
+            if self._failed and grouped:
+                pass  # swapping needs the worker's other ranks, which may be gone: leave the tensors as they are
+            elif module is not None and module._trainer is not None and module.trainer.state.fn == TrainerFn.FITTING:
                 # The center is the model: the user's module (and what spawn/fork send back) holds it after fit.
                 self._averager.adopt_center()
             elif self._averager.center_in_use:
                 self._averager.restore_local()
             self._averager = None
+        self._failed = False
+        if isinstance(self.model, DistributedDataParallel):
+            # Unwrap here: DDPStrategy.teardown would suggest static_graph=True, a DDP option this strategy refuses.
+            self.model = self.lightning_module
         super().teardown()
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        self._failed = True
+        super().on_exception(exception)
 
     # ------------------------------------------------------------------ training
 
@@ -336,12 +443,12 @@ class EASGDStrategy(DDPStrategy):
         with self._averager.step():
             output = super().optimizer_step(optimizer, closure, model, **kwargs)
         self._sync_guard.check(self.lightning_module.trainer)
-        for step, ranks in self._averager.pop_resets():
+        for step, workers in self._averager.pop_resets():
             rank_zero_warn(
-                f"EASGD: worker(s) {', '.join(map(str, ranks))} had non-finite weights at optimizer step {step}; "
+                f"EASGD: worker(s) {', '.join(map(str, workers))} had non-finite weights at optimizer step {step}; "
                 "their contribution was dropped and they were reset to the center with empty optimizer state."
             )
-            if self.global_rank in ranks:
+            if self.worker_index in workers:
                 for opt in self.optimizers:
                     opt.state.clear()
         return output
@@ -458,15 +565,26 @@ class EASGDStrategy(DDPStrategy):
             )
 
 
-def _refuse_ddp_options(kwargs: Mapping[str, Any]) -> None:
+def _worker_ddp_options(kwargs: Mapping[str, Any], grouped: bool) -> dict[str, Any]:
+    """The DistributedDataParallel options for the DDP inside a worker group; refuse every other DDP option."""
+    accepted: dict[str, Any] = {}
     for name in kwargs:
         if name in _DDP_COMM_OPTIONS:
             raise ValueError(f"EASGDStrategy does not accept {name}={kwargs[name]!r}: {_DDP_COMM_OPTIONS[name]}.")
         if name in _DDP_WRAPPER_OPTIONS:
+            if grouped and name in _WORKER_DDP_OPTIONS:
+                accepted[name] = kwargs[name]
+                continue
             raise ValueError(
                 f"EASGDStrategy does not accept {name}={kwargs[name]!r}: it is an option of DistributedDataParallel, "
-                "and EASGD never wraps the model in DistributedDataParallel (workers train independently between "
-                "exchanges)."
+                + ("and with one rank per worker EASGD never wraps the model in DistributedDataParallel (workers "
+                   "train independently between exchanges); with ranks_per_worker > 1, "
+                   f"{', '.join(sorted(_WORKER_DDP_OPTIONS))} configure the DDP inside each worker."
+                   if not grouped else
+                   "and inside a worker group the strategy sets it itself; only "
+                   f"{', '.join(sorted(_WORKER_DDP_OPTIONS))} can be passed to the DDP inside each worker.")
             )
-    if kwargs:
-        raise TypeError(f"EASGDStrategy got unexpected keyword argument(s): {', '.join(sorted(kwargs))}")
+    unknown = set(kwargs) - set(accepted)
+    if unknown:
+        raise TypeError(f"EASGDStrategy got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    return accepted

@@ -85,13 +85,33 @@ class ToyRegressor(L.LightningModule):
         (optimizer,) = self._replay_optimizers
         optimizer.zero_grad()
         for batch in micro_batches[:-1]:
-            (self.loss(batch) / len(micro_batches)).backward()
+            self.replay_backward(batch, len(micro_batches))
 
         def closure_and_step() -> None:
-            (self.loss(micro_batches[-1]) / len(micro_batches)).backward()
+            self.replay_backward(micro_batches[-1], len(micro_batches))
             optimizer.step()
 
         yield closure_and_step
+
+    def replay_backward(self, batch: Any, divisor: int) -> None:
+        """Backward of one micro-batch's loss / ``divisor``; for :class:`Shards`, what DDP does inside a worker:
+        every rank starts from the first rank's buffers and updates them with its own batch, the gradient is the
+        mean of the ranks' gradients, and the worker keeps its first rank's buffers."""
+        if not isinstance(batch, Shards):
+            (self.loss(batch) / divisor).backward()
+            return
+        start = {name: b.clone() for name, b in self.named_buffers()}
+        first: dict[str, Tensor] = {}
+        for j, shard in enumerate(batch):
+            with torch.no_grad():
+                for name, b in self.named_buffers():
+                    b.copy_(start[name])
+            (self.loss(shard) / divisor / len(batch)).backward()
+            if j == 0:
+                first = {name: b.clone() for name, b in self.named_buffers()}
+        with torch.no_grad():
+            for name, b in self.named_buffers():
+                b.copy_(first[name])
 
 
 class NaNLossRegressor(ToyRegressor):
@@ -144,6 +164,10 @@ class TwoOptimizerRegressor(ToyRegressor):
             opt.zero_grad()
             self.loss(batch).backward()
             yield opt.step
+
+
+class Shards(tuple):
+    """The batches of a worker's ranks at one micro-batch, kept apart (see ToyRegressor.replay_backward)."""
 
 
 def twins(cls: type[ToyRegressor], seed: int, **kwargs: Any) -> tuple[ToyRegressor, ToyRegressor]:
@@ -201,18 +225,36 @@ def replay_easgd(
     accumulate: int = 1,
     autocast: torch.dtype | None = None,
     reset_nonfinite: bool = False,
+    ranks_per_worker: int = 1,
+    exchange_dtype: torch.dtype | None = None,
+    union_batches: bool = True,
 ) -> Replay:
     """Run Eq. 5-6 of the paper on p copies of ``module`` in one process.
 
     At the start of step t with t > 0 and t % tau == 0: d_i = x_i − x̃ (parameters and floating-point buffers,
     before the step), then the local step, then x_i −= α·d_i and x̃ += α·Σ_i d_i. With ``reset_nonfinite``, a
     worker whose d_i is not finite is left out of the sum and restarts from the new center with no optimizer state.
+
+    With ``ranks_per_worker`` = k, worker g is ranks g·k ... g·k + k − 1 of p·k DistributedSampler shards, and its
+    batch is the union of theirs: for a mean loss over equal-sized batches the gradient of the union is the mean of
+    the ranks' gradients, which is what DDP computes inside a worker. With ``exchange_dtype``, every d_i is rounded
+    to it and summed in it (a p = 2 sum rounds once, so it is exact whatever order a collective adds in).
+    With ``union_batches=False`` the ranks' batches stay apart (:class:`Shards`), for models whose loss is not a
+    mean over samples (BatchNorm), at the cost of a backward per rank.
     """
     workers, states, floats, center = replicas(module, p)
+    # 16-bit weights: the center and d in float32, the pull computed there and rounded once into the weights.
+    center = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in center.items()}
     result = Replay(center=center, workers=[])
+    size = ranks_per_worker
     t = 0
     for epoch in range(epochs):
-        per_rank = [rank_batches(dataset, p, r, epoch, batch_size, seed) for r in range(p)]
+        shards = [rank_batches(dataset, p * size, r, epoch, batch_size, seed) for r in range(p * size)]
+        per_rank = [
+            [[torch.cat(parts) for parts in zip(*batches)] if union_batches else Shards(batches)
+             for batches in zip(*shards[g * size : (g + 1) * size])]
+            for g in range(p)
+        ]
         for start in range(0, len(per_rank[0]), accumulate):
             ctx = torch.autocast("cpu", dtype=autocast) if autocast else torch.autocast("cpu", enabled=False)
             with ctx:
@@ -222,17 +264,22 @@ def replay_easgd(
                         w.replay_position = (r, t)
                     with torch.no_grad():
                         exchange = t > 0 and t % tau == 0
-                        diffs = [{k: s[k] - center[k] for k in floats} for s in states] if exchange else []
+                        diffs = ([{k: s[k].to(center[k].dtype) - center[k] for k in floats} for s in states]
+                                 if exchange else [])
                     for step in steps:
                         step()
                     with torch.no_grad():
                         if exchange:
                             bad = [not all(d[k].isfinite().all() for k in floats) for d in diffs]
                             assert reset_nonfinite or not any(bad)
-                            total = {k: sum(d[k] for d, b in zip(diffs, bad) if not b) for k in floats}
+                            wire = exchange_dtype
+                            total = {
+                                k: sum((d[k] if wire is None else d[k].to(wire)) for d, b in zip(diffs, bad) if not b)
+                                for k in floats
+                            }
                             for s, d in zip(states, diffs):
                                 for k in floats:
-                                    s[k].sub_(alpha * d[k])
+                                    s[k].copy_(s[k].to(d[k].dtype) - alpha * d[k])
                             norms = [torch.sqrt(sum((d[k].double() ** 2).sum() for k in floats)) for d in diffs]
                             layers = [{k: float(d[k].double().norm()) for k in floats} for d in diffs]
                             cnorm = torch.sqrt(sum((center[k].double() ** 2).sum() for k in floats))
@@ -241,7 +288,7 @@ def replay_easgd(
                                  "layers": layers}
                             )
                             for k in floats:
-                                center[k].add_(alpha * total[k])
+                                center[k].add_(alpha * torch.as_tensor(total[k]).to(center[k].dtype))
                             for s, w, b in zip(states, workers, bad):
                                 if b:
                                     for k in floats:
@@ -262,6 +309,8 @@ class Recorder(L.Callback):
         self.out = Path(out)
         self.val_seen: list[dict[str, Tensor]] = []
         self.collectives: list[tuple[int, dict[str, int]]] = []
+        self.traffic: list[tuple[int, list[tuple[str, tuple[int, ...], int]]]] = []  # per batch, see TRAFFIC
+        self._traffic_at = 0
         self.start_state: dict[str, Tensor] = {}
         self._before: dict[str, int] = {}
 
@@ -278,14 +327,18 @@ class Recorder(L.Callback):
     # the loop does before `on_train_batch_start` counts too.
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._before = dict(COUNTS)
+        self._traffic_at = len(TRAFFIC)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._before = dict(COUNTS)
+        self._traffic_at = len(TRAFFIC)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         diff = {k: COUNTS.get(k, 0) - self._before.get(k, 0) for k in COUNTS}
         self.collectives.append((trainer.global_step, {k: v for k, v in diff.items() if v}))
+        self.traffic.append((trainer.global_step, TRAFFIC[self._traffic_at :]))
         self._before = dict(COUNTS)
+        self._traffic_at = len(TRAFFIC)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         strategy = trainer.strategy
@@ -296,12 +349,16 @@ class Recorder(L.Callback):
                 "center": {n: v.clone() for n, v in zip(averager.names, averager.center_values())},
                 "val_seen": self.val_seen,
                 "collectives": self.collectives,
+                "traffic": self.traffic,
+                "bytes_per_exchange": averager.bytes_per_exchange,
                 "start_state": self.start_state,
                 "start_optim": self.start_optim,
                 "optim": [o.state_dict() for o in trainer.optimizers],
                 "alpha": averager.alpha,
                 "buckets": len(averager.layout.buckets),
                 "wrapped": type(strategy.model).__name__,
+                "topology": (strategy.num_workers, strategy.ranks_per_worker, strategy.worker_index,
+                             strategy.rank_in_worker),
             },
             self.out / f"rank{trainer.global_rank}.pt",
         )
@@ -312,7 +369,10 @@ COLLECTIVES = (
     "all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
     "reduce", "gather", "scatter", "barrier", "send", "recv", "isend", "irecv", "all_to_all", "all_to_all_single",
     "all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list", "monitored_barrier",
+    "all_gather_single",
 )
+TRAFFIC: list[tuple[str, tuple[int, ...], int]] = []
+"""(collective, ranks of its group, bytes of its tensor) of every reduction and gather, in call order."""
 
 
 def count_collectives(monkeypatch: Any) -> None:
@@ -320,11 +380,18 @@ def count_collectives(monkeypatch: Any) -> None:
     import torch.distributed as dist
 
     COUNTS.clear()
+    TRAFFIC.clear()
     for name in COLLECTIVES:
         original = getattr(dist, name)
 
         def wrapper(*args: Any, __name: str = name, __original: Any = original, **kwargs: Any) -> Any:
             COUNTS[__name] = COUNTS.get(__name, 0) + 1
+            if __name in ("all_reduce", "all_gather_single", "all_gather_into_tensor"):
+                tensor = args[1] if __name != "all_reduce" else args[0]  # the input
+                group = kwargs.get("group")
+                ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(
+                    range(dist.get_world_size()))
+                TRAFFIC.append((__name, ranks, tensor.numel() * tensor.element_size()))
             return __original(*args, **kwargs)
 
         monkeypatch.setattr(dist, name, wrapper)

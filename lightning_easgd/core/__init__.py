@@ -5,8 +5,9 @@ when an optimizer step happens, when evaluation starts and ends, and what goes i
 """
 
 from lightning_easgd.core.averager import ElasticAverager
-from lightning_easgd.core.buckets import FlatLayout, broadcast_tensors
+from lightning_easgd.core.buckets import FlatLayout, ShardLayout, broadcast_tensors, check_device
 from lightning_easgd.core.hyperparams import DEFAULT_BETA, resolve_alpha, validate_alpha, validate_beta, validate_tau
+from lightning_easgd.core.topology import WorkerTopology, worker_topology
 from lightning_easgd.core.worker import ElasticWorker, ExchangeError, ExchangeStats, NonFiniteWorkerError
 
 __all__ = [
@@ -17,9 +18,13 @@ __all__ = [
     "ExchangeStats",
     "FlatLayout",
     "NonFiniteWorkerError",
+    "ShardLayout",
+    "WorkerTopology",
     "broadcast_tensors",
+    "check_device",
     "resolve_alpha",
     "validate_alpha",
     "validate_beta",
     "validate_tau",
+    "worker_topology",
 ]

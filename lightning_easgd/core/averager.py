@@ -1,4 +1,4 @@
-"""Synchronous Elastic Averaging SGD with a replicated center, in plain torch and torch.distributed.
+"""Synchronous Elastic Averaging SGD with a replicated (or group-sharded) center, in plain torch.distributed.
 
 Paper Eq. 5-6, applied every τ optimizer steps (Zhang, Choromanska & LeCun 2015, arXiv:1412.6651)::
 
@@ -11,13 +11,19 @@ the same all-reduced Σ_i d_i, so the copies stay bit-identical and one SUM all-
 communication there is. Because d_i is known before the forward/backward pass, that all-reduce can run while the
 gradient is computed: :meth:`ElasticAverager.step` launches it on entry and waits on exit.
 
+Worker groups: when one worker is a group of k ranks that keep identical weights (a data-parallel group, e.g. the
+GPUs of one node), rank j of every group owns slice j of every flat bucket: it keeps only that slice of x̃ and of
+d_i, all-reduces it with rank j of the other groups (its "column"), and the group then all-gathers the slices of
+d_i so that every rank applies the same pull to the whole model. Each rank sends 1/k of the model per exchange and
+holds 3/k of it in exchange buffers, plus one bucket for the gather.
+
 The optimizer and its state (momentum buffers) are never touched: EAMSGD (the paper's Algorithm 2) is this
 averager around a Nesterov-momentum SGD.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -26,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_easgd.core.buckets import ShardLayout, broadcast_tensors
 from lightning_easgd.core.worker import (
     ElasticWorker,
     ExchangeError,
@@ -34,16 +41,58 @@ from lightning_easgd.core.worker import (
     NonFiniteWorkerError,
 )
 
+_EXCHANGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _all_gather(output: Tensor, input: Tensor, group: dist.ProcessGroup | None) -> dist.Work:
+    """Start gathering every rank's equal-sized ``input`` into ``output``; recent torch renamed the collective
+    (all_gather_into_tensor warns on every call there)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    work = gather(output, input, group=group, async_op=True)
+    assert work is not None
+    return work
+
+
+def master_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the center and d_i are kept in: float32 for 16-bit tensors (a bf16 center would lose the small
+    α·Σd updates and an fp16 sum can overflow), the tensors' own dtype otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def validate_exchange_dtype(exchange_dtype: object) -> torch.dtype | None:
+    """``None``, ``torch.float32`` or ``torch.bfloat16`` (also as the strings "float32"/"bfloat16", for configs)."""
+    if exchange_dtype is None:
+        return None
+    if isinstance(exchange_dtype, str) and exchange_dtype in _EXCHANGE_DTYPES:
+        return _EXCHANGE_DTYPES[exchange_dtype]
+    if exchange_dtype in _EXCHANGE_DTYPES.values():
+        return exchange_dtype  # type: ignore[return-value]
+    raise ValueError(
+        f"exchange_dtype={exchange_dtype!r} is invalid: choose None (the center's dtype), torch.float32 or "
+        "torch.bfloat16 (or the strings 'float32', 'bfloat16')"
+    )
+
+
+def validate_center_device(center_device: object) -> torch.device | None:
+    """``None`` (the tensors' device) or the host, as "cpu" or ``torch.device("cpu")``."""
+    if center_device is None:
+        return None
+    if isinstance(center_device, (str, torch.device)) and str(center_device) == "cpu":
+        return torch.device("cpu")
+    raise ValueError(
+        f"center_device={center_device!r} is invalid: choose None (the parameters' device) or 'cpu' (host memory)"
+    )
+
 
 @dataclass
 class _PendingExchange:
     works: list[dist.Work]
     stats: Tensor
-    center_norm: float
 
 
 class ElasticAverager(ElasticWorker):
-    """The elastic exchange between one worker's tensors and a center replicated on every rank.
+    """The elastic exchange between one worker's tensors and the center, replicated on every rank or sharded over
+    the ranks of a worker group.
 
     All ranks must construct it collectively, with the same tensors (same names, shapes, dtypes, order) holding
     the same values: the center starts as a copy of them (use :func:`~lightning_easgd.core.broadcast_tensors`
@@ -53,18 +102,38 @@ class ElasticAverager(ElasticWorker):
         named_tensors: the tensors that take part in the exchange (parameters and floating-point buffers), with
             names used in statistics and state dicts.
         tau: communication period in optimizer steps; exchanges happen at the start of steps t = τ, 2τ, ...
-        alpha: moving rate α = ηρ in (0, 1).
-        group: process group of the workers (default: the world).
-        bucket_cap_mb: size of the flat buffers each all-reduce carries.
+        alpha: moving rate α in (0, 1).
+        group: process group of the workers (default: the world). With worker groups: the "column" of this rank,
+            i.e. the ranks with the same rank-in-worker in every worker (rank g of it is worker g).
+        bucket_cap_mb: size of the flat buffers each all-reduce carries (None: 25 MB for host tensors, 256 MB
+            for CUDA tensors).
         overlap: launch the all-reduce before the step and wait after it (True), or wait before the step runs.
+            Default: True, and False with ``center_device`` (which streams the buckets one by one through the
+            device before the step; True is refused there).
         on_nonfinite: what to do when some worker's d_i is not finite (NaN or inf, e.g. after a diverging step).
-            Non-finite differences never reach the center: each rank zeroes its own before the all-reduce and
-            raises a flag that travels in the same exchange. ``"raise"``: every rank raises
-            :class:`NonFiniteWorkerError` naming the workers and the step, and the center keeps its last finite
-            value. ``"reset"``: the other workers' differences are applied as usual and the flagged workers are
-            reset to the new center (see :meth:`pop_resets`).
+            Non-finite differences never reach the center: a worker's flag is derived from ‖d_i‖ on the device,
+            its contribution is masked to zero there, and the flag travels in the same exchange. ``"raise"``:
+            every rank raises :class:`NonFiniteWorkerError` naming the workers and the step, and the center keeps
+            its last finite value. ``"reset"``: the other workers' differences are applied as usual and the
+            flagged workers are reset to the new center (see :meth:`pop_resets`).
         timeout: how long to wait for an exchange's collectives before raising :class:`ExchangeError`
-            (default: wait as long as the process group's own timeout allows).
+            (default: wait as long as the process group's own timeout allows). Honoured by gloo only: on NCCL a
+            stuck collective is ended by the process group's own timeout and watchdog (``Work.wait(timeout)`` only
+            polls on the host there, and the watchdog may abort the process first).
+        worker_group: the process group of this rank's worker (k ranks holding identical weights, e.g. under
+            DistributedDataParallel), or None when every rank is its own worker. Its ranks split the center.
+        center_device: None (the tensors' device) or "cpu": keep the center and d_i in (pinned, with CUDA) host
+            memory and stream them through one bucket-sized device buffer at each exchange.
+        exchange_dtype: the dtype d_i travels and is summed in (None: the center's dtype). ``torch.bfloat16``
+            halves the bytes on the wire; the center and the pull x −= α·d_i stay in full precision.
+        follow_first_rank: names of tensors the ranks of a worker may hold differently (DistributedDataParallel's
+            buffers, which every rank updates from its own batch and DDP overwrites with the worker's first rank's
+            at each forward): before an exchange or evaluation they are broadcast from the worker's first rank.
+
+    Memory on each rank besides the model, with k ranks per worker: the center slice, the d_i slice and (with more
+    than one worker) the reduction slice, ⌈n/k⌉ elements each per bucket of n (float32 for 16-bit tensors), plus
+    with k > 1 one bucket to gather a full bucket into, plus with ``center_device`` one slice-sized device buffer
+    (the others then live in host memory). :attr:`buffer_bytes` and :attr:`device_buffer_bytes` report it.
     """
 
     def __init__(
@@ -74,36 +143,106 @@ class ElasticAverager(ElasticWorker):
         tau: int,
         alpha: float,
         group: dist.ProcessGroup | None = None,
-        bucket_cap_mb: float = 25.0,
-        overlap: bool = True,
+        bucket_cap_mb: float | None = None,
+        overlap: bool | None = None,
         on_nonfinite: NonFinitePolicy = "raise",
         timeout: timedelta | None = None,
+        worker_group: dist.ProcessGroup | None = None,
+        center_device: str | torch.device | None = None,
+        exchange_dtype: str | torch.dtype | None = None,
+        follow_first_rank: Sequence[str] = (),
     ) -> None:
-        super().__init__(named_tensors, tau=tau, alpha=alpha, bucket_cap_mb=bucket_cap_mb, overlap=overlap,
-                         on_nonfinite=on_nonfinite, timeout=timeout)
-        self.group = group
+        self._host = validate_center_device(center_device)
+        if overlap is None:
+            overlap = self._host is None
+        if overlap is True and self._host is not None:
+            raise ValueError(
+                "overlap=True cannot be combined with center_device='cpu': a host-resident center is streamed "
+                "through one device buffer bucket by bucket before the step, so nothing is left to overlap; pass "
+                "overlap=False (the default with center_device='cpu')"
+            )
+        self._wire_dtype = validate_exchange_dtype(exchange_dtype)
         distributed = dist.is_available() and dist.is_initialized()
+        self.group = group
+        self.worker_group = worker_group
         self.world_size = dist.get_world_size(group) if distributed else 1
         self.rank = dist.get_rank(group) if distributed else 0
-        self._diff = self.layout.allocate()
-        # The all-reduce overwrites its buffer with Σ_i d_i while this worker still needs its own d_i.
-        self._sum = self.layout.allocate() if self.world_size > 1 else self._diff
-        self._diff_views = self.layout.views(self._diff)
-        self._local_views = self._diff_views  # d_i is idle between steps: it keeps the local values during swaps
+        """This worker's index among the ``world_size`` workers (its rank in ``group``)."""
+        self.ranks_per_worker = dist.get_world_size(worker_group) if distributed and worker_group is not None else 1
+        self.rank_in_worker = dist.get_rank(worker_group) if self.ranks_per_worker > 1 else 0
+        self._first_rank = dist.get_global_rank(worker_group, 0) if self.ranks_per_worker > 1 else 0
+        self._global_rank = dist.get_rank() if distributed else 0
+        self._nccl = distributed and dist.get_backend(group) == "nccl"
+        self._follow_names = tuple(follow_first_rank)
+        super().__init__(named_tensors, tau=tau, alpha=alpha, bucket_cap_mb=bucket_cap_mb, overlap=overlap,
+                         on_nonfinite=on_nonfinite, timeout=timeout)
+        unknown = set(self._follow_names) - set(self.names)
+        if unknown:
+            raise ValueError(f"follow_first_rank names tensors that are not averaged: {sorted(unknown)}")
+        self._follow = [t for name, t in zip(self.names, self.tensors) if name in self._follow_names]
+        self._stats_host: Tensor | None = None
         self._pending: _PendingExchange | None = None
 
-    # ------------------------------------------------------------------ the exchange
+    def _init_center(self) -> None:
+        devices = {b.device for b in self.layout.buckets}
+        if len(devices) > 1:
+            raise ValueError(
+                f"the averaged tensors live on several devices ({', '.join(sorted(map(str, devices)))}): put every "
+                "parameter and floating-point buffer on one device"
+            )
+        self._masters = [master_dtype(b.dtype) for b in self.layout.buckets]
+        pin = self._host is not None and torch.cuda.is_available()
+        self._shard = ShardLayout(self.layout, self.ranks_per_worker, self.rank_in_worker)
+        self._x_seg = self._shard.tensor_views(self.tensors, self.names)
+        # Device scratch space, reused bucket after bucket: the slice staged from host memory, and the gathered
+        # full bucket of a worker group.
+        wires = [self._wire_dtype or m for m in self._masters] if self.world_size > 1 else list(self._masters)
+        itemsize = max(torch.empty((), dtype=d).element_size() for d in (*self._masters, *wires))
+        largest = max(self._shard.slice_numels)
+        device = self.layout.buckets[0].device
+        self._stage = (torch.empty(largest * itemsize, dtype=torch.uint8, device=device)
+                       if self._host is not None else None)
+        self._gather = (torch.empty(largest * self.ranks_per_worker * itemsize, dtype=torch.uint8, device=device)
+                        if self.ranks_per_worker > 1 else None)
+        self._center = self._shard.allocate(self._masters, device=self._host, pin=pin)
+        self._center_seg = self._shard.views(self._center)
+        # d_i is idle between exchanges: it keeps this rank's slice of the local values while the center is swapped in.
+        self._diff = self._shard.allocate(self._masters, device=self._host, pin=pin)
+        # The all-reduce overwrites its buffer with Σ_i d_i while this worker still needs its own d_i.
+        self._sum = self._shard.allocate(wires, device=self._host, pin=pin) if self.world_size > 1 else self._diff
+        self._wires = wires
+        self._diff_seg = self._shard.views(self._diff)
+        self._seg_tensor = torch.tensor([s.tensor for s in self._shard.segments], dtype=torch.long,
+                                        device=self._diff[0].device)
+        with torch.no_grad():
+            self._capture(self._center)
+
+    # ------------------------------------------------------------------ sizes
 
     @property
     def bytes_per_exchange(self) -> int:
-        """Bytes each rank contributes to one exchange's all-reduce (parameters and float buffers)."""
-        return self.layout.nbytes
+        """Bytes each rank sends into one exchange's column all-reduce (1/k of the model with k ranks per worker)."""
+        return self._shard.nbytes(self._wires)
 
     @property
     def buffer_bytes(self) -> int:
-        """Memory the exchange holds besides the model: the center, d_i and, with p > 1, the all-reduce's sum."""
+        """Memory the exchange holds besides the model, wherever it lives (see also :attr:`device_buffer_bytes`)."""
+        return self._slice_bytes() + self._scratch_bytes()
+
+    @property
+    def device_buffer_bytes(self) -> int:
+        """The part of :attr:`buffer_bytes` on the tensors' device (all of it unless ``center_device="cpu"``)."""
+        return self._scratch_bytes() + (self._slice_bytes() if self._host is None else 0)
+
+    def _scratch_bytes(self) -> int:
+        return sum(t.numel() for t in (self._stage, self._gather) if t is not None)  # uint8 buffers
+
+    def _slice_bytes(self) -> int:
+        """Bytes of the persistent slices (center, d_i, sum), in host memory with ``center_device="cpu"``."""
         unique = {id(t): t for t in (*self._center, *self._diff, *self._sum)}
         return sum(t.numel() * t.element_size() for t in unique.values())
+
+    # ------------------------------------------------------------------ the exchange
 
     @contextmanager
     def step(self) -> Iterator[None]:
@@ -126,50 +265,83 @@ class ElasticAverager(ElasticWorker):
         if not self.exchange_due:
             return
         with torch.no_grad():
-            torch._foreach_copy_(self._diff_views, self.tensors)
+            self._sync_followers()
+            self._capture(self._diff)
             for diff, center in zip(self._diff, self._center):
                 diff.sub_(center)
-            stats, center_norm = self._local_stats()
-            finite = bool(stats[self.rank].isfinite())
+            mine = self._local_stats()
             works: list[dist.Work] = []
+            if self.ranks_per_worker > 1:
+                # The worker's ‖d‖² from its slices; a non-finite slice anywhere flags the whole worker.
+                self._wait_for([dist.all_reduce(mine, group=self.worker_group, async_op=True)])
+            stats = self._stats_vector(mine)
             if self.world_size > 1:
-                for total, diff in zip(self._sum, self._diff):
-                    if finite:
-                        total.copy_(diff)
-                    else:
-                        total.zero_()  # never let a diverged worker poison the center
-                    works.append(dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
+                # One async all-reduce per bucket. torch.distributed._coalescing_manager could fuse them, but it is
+                # private, its gloo support has changed between releases, and with 256 MB buckets on CUDA there
+                # are few calls to fuse; large buckets are the stable way to keep NCCL's per-call cost small.
+                # Device-side mask: a diverged worker sends zeros, decided without reading anything on the host.
+                diverged = mine[0].isfinite().logical_not()
+                for index, (total, diff) in enumerate(zip(self._sum, self._diff)):
+                    wire = total if self._host is None else self._staged(index, self._wires[index])
+                    wire.copy_(diff)
+                    wire.masked_fill_(diverged, 0)
+                    work = dist.all_reduce(wire, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+                    if self._host is None:
+                        works.append(work)
+                    else:  # one device buffer: finish this bucket before the next one uses it
+                        self._wait_for([work])
+                        total.copy_(wire)
                 works.append(dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
-        self._pending = _PendingExchange(works, stats, center_norm)
+        self._pending = _PendingExchange(works, stats)
         if not self.overlap:
             self._wait()
 
     def _wait(self) -> None:
         assert self._pending is not None
         try:
-            for work in self._pending.works:
-                if self.timeout is None:
+            self._wait_for(self._pending.works)
+        except ExchangeError:
+            self._pending = None
+            raise
+        self._pending.works.clear()
+
+    def _wait_for(self, works: list[dist.Work], consequence: str = "the center was not updated") -> None:
+        try:
+            for work in works:
+                # On NCCL a wait with a timeout only polls on the host, and the watchdog (process-group timeout,
+                # TORCH_NCCL_ASYNC_ERROR_HANDLING) may abort the process first: there the process group's timeout
+                # is the mechanism, and the plain wait only orders the current stream after the collective.
+                if self.timeout is None or self._nccl:
                     work.wait()
                 else:
                     work.wait(self.timeout)
         except Exception as error:
-            self._pending = None
             raise ExchangeError(
-                f"EASGD exchange at step {self.clock} failed on rank {self.rank}: {error}. A peer may have died or "
-                f"stalled{'' if self.timeout is None else f' (timeout {self.timeout.total_seconds():g} s)'}; the "
-                "center was not updated."
+                f"EASGD exchange at step {self.clock} failed on rank {self._global_rank}{self._worker_label()}: "
+                f"{error}. A peer may have died or stalled"
+                f"{'' if self.timeout is None else f' (timeout {self.timeout.total_seconds():g} s)'}; {consequence}."
             ) from error
-        self._pending.works.clear()
 
     def _end(self) -> None:
         if self._pending is not None:
             self._wait()
-            stats = self._pending.stats.cpu()
+            stats = self._pending.stats
+            with torch.no_grad():
+                if self.world_size > 1:
+                    # An overflowing sum (finite inputs, inf total) must not reach the center either.
+                    stats[-1] = self._squared_norm(self._sum).to(stats.device)
+            values = self._read(stats)
+            self._pending = None
             p = self.world_size
-            # Each rank's distance slot is its own norm plus the others' zeros, so a NaN or inf there is a flag.
-            flagged = tuple(r for r in range(p) if not stats[r].isfinite())
+            # Each worker's distance slot is its own ‖d‖² plus the others' zeros, so a NaN or inf there is a flag.
+            flagged = tuple(g for g in range(p) if not values[g].isfinite())
+            if not values[-1].isfinite() and len(flagged) < p:
+                raise ExchangeError(
+                    f"EASGD exchange at step {self.clock}: the sum of the workers' elastic differences overflowed on "
+                    f"rank {self._global_rank}{self._worker_label()} although every worker's difference was finite; "
+                    "the center was not updated. Lower the learning rate or use exchange_dtype=None."
+                )
             if flagged and self.on_nonfinite == "raise":
-                self._pending = None
                 raise NonFiniteWorkerError(
                     f"EASGD: worker(s) {', '.join(map(str, flagged))} of {p} have non-finite parameters or buffers at "
                     f"optimizer step {self.clock} (the elastic difference x_i - center is NaN or inf). The exchange "
@@ -177,38 +349,200 @@ class ElasticAverager(ElasticWorker):
                     "on_nonfinite='reset' to reset diverged workers to the center."
                 )
             with torch.no_grad():
-                if len(flagged) < p:  # flagged ranks contributed zeros, so the sum holds the finite differences
+                if len(flagged) < p:  # flagged workers contributed zeros, so the sum holds the finite differences
                     for center, total in zip(self._center, self._sum):
                         center.add_(total, alpha=self.alpha)
                 if self.rank in flagged:
-                    torch._foreach_copy_(self.tensors, self._center_views)
+                    self._expand(self._center, torch._foreach_copy_)
                 else:
-                    torch._foreach_add_(self.tensors, self._diff_views, alpha=-self.alpha)
+                    alpha = self.alpha
+                    self._expand(self._diff, lambda xs, ds: torch._foreach_add_(xs, ds, alpha=-alpha))
             if flagged:
                 self._resets.append((self.clock, flagged))
             if self._track is not None:
-                self._record_stats(stats, self._pending.center_norm)
-            self._pending = None
+                self._record_stats(values)
         self.clock += 1
+
+    def _worker_label(self) -> str:
+        return f" (worker {self.rank})" if self.ranks_per_worker > 1 else ""
+
+    # ------------------------------------------------------------------ moving slices between buffers and tensors
+
+    def _staged(self, bucket: int, dtype: torch.dtype) -> Tensor:
+        """The device scratch buffer, viewed as ``bucket``'s slice in ``dtype``."""
+        assert self._stage is not None
+        n = self._shard.slice_numels[bucket]
+        return self._stage[: n * torch.empty((), dtype=dtype).element_size()].view(dtype)
+
+    def _capture(self, slices: list[Tensor]) -> None:
+        """Copy this rank's slice of the tensors into ``slices`` (through the device buffer when they are on the
+        host: one device-to-host copy per bucket instead of one per tensor)."""
+        if self._host is None:
+            torch._foreach_copy_(self._shard.views(slices), self._x_seg)
+            return
+        for index, flat in enumerate(slices):
+            staged = self._staged(index, flat.dtype)
+            staged.zero_()
+            segments = self._shard.segments_in(index)
+            if len(segments):
+                torch._foreach_copy_(self._shard.slice_views(index, staged),
+                                     [self._x_seg[i] for i in segments])
+            flat.copy_(staged)
+
+    def _expand(self, slices: list[Tensor], apply: Callable[[list[Tensor], list[Tensor]], object]) -> None:
+        """For every bucket, bring the worker's full bucket of ``slices`` to the tensors' device (staged from the
+        host, gathered from the worker's ranks) and call ``apply(tensors, values)`` on its tensors."""
+        for index, flat in enumerate(self._full_buckets(slices)):
+            bucket = self.layout.buckets[index]
+            apply([self.tensors[i] for i in bucket.indices], self.layout.bucket_views(index, flat))
+
+    def _full_buckets(self, slices: list[Tensor]) -> Iterator[Tensor]:
+        """Each bucket's full (padded) flat values, assembled from the worker's slices, one bucket at a time; the
+        buffer yielded is reused for the next bucket."""
+        k = self.ranks_per_worker
+        for index, flat in enumerate(slices):
+            if self._host is not None:
+                staged = self._staged(index, flat.dtype)
+                staged.copy_(flat)
+                flat = staged
+            if k > 1:
+                assert self._gather is not None
+                n = flat.numel() * k
+                full = self._gather[: n * flat.element_size()].view(flat.dtype)
+                self._wait_for([_all_gather(full, flat, self.worker_group)],
+                               "this worker's weights may now be partly updated")
+                flat = full
+            yield flat
+
+    def _sync_followers(self) -> None:
+        """Give the worker's ranks its first rank's copy of the tensors they update separately (DDP's buffers)."""
+        if self.ranks_per_worker > 1 and self._follow:
+            broadcast_tensors(self._follow, src=self._first_rank, group=self.worker_group)
+
+    # ------------------------------------------------------------------ center and local weights
+
+    def use_center(self) -> None:
+        """Put the center into the tensors (for evaluation), keeping this rank's slice of the local values aside;
+        collective within the worker group (which gathers the center's slices)."""
+        if self._center_in_use:
+            raise RuntimeError("the center weights are already swapped in")
+        if self._pending is not None:
+            raise RuntimeError("cannot swap in the center during an optimizer step")
+        with torch.no_grad():
+            self._sync_followers()
+            self._capture(self._diff)
+            self._expand(self._center, torch._foreach_copy_)
+        self._center_in_use = True
+
+    def restore_local(self) -> None:
+        """Undo :meth:`use_center`: the tensors get back exactly the local values they had (collective within the
+        worker group)."""
+        if not self._center_in_use:
+            raise RuntimeError("the center weights are not swapped in")
+        with torch.no_grad():
+            self._expand(self._diff, torch._foreach_copy_)
+        self._center_in_use = False
+
+    def adopt_center(self) -> None:
+        """Make the center this worker's weights for good (end of training); collective within the worker group."""
+        if self._center_in_use:
+            self._center_in_use = False
+            return
+        with torch.no_grad():
+            self._expand(self._center, torch._foreach_copy_)
+
+    def center_values(self) -> list[Tensor]:
+        """The full center, one tensor per averaged tensor, in the center's dtype and on its device.
+
+        With one rank per worker these are views of the center (read-only by convention; clone to keep them). With
+        worker groups the center is sharded and this is a collective within the worker group that returns a fresh
+        full copy: every rank of the worker must call it (Lightning calls
+        :meth:`~lightning_easgd.EASGDStrategy.lightning_module_state_dict` on every rank when it saves).
+        """
+        if self.ranks_per_worker == 1:
+            return self.layout.views(self._center)
+        return self._gathered(self._center)
+
+    def local_values(self) -> list[Tensor]:
+        """This worker's own values, one per tensor, also while the center is swapped in (then a collective within
+        the worker group with worker groups)."""
+        if not self._center_in_use:
+            return list(self.tensors)
+        if self.ranks_per_worker == 1:
+            return self.layout.views(self._diff)
+        return self._gathered(self._diff)
+
+    def load_local(self, values: Sequence[Tensor]) -> None:
+        """Set this worker's own values (e.g. when resuming), also while the center is swapped in."""
+        self._check_values(values, "local values")
+        with torch.no_grad():
+            if self._center_in_use:
+                torch._foreach_copy_(self._diff_seg, self._shard.value_views(list(values)))
+            else:
+                torch._foreach_copy_(self.tensors, list(values))
+
+    def _store_center(self, values: list[Tensor]) -> None:
+        """Keep this rank's slice of the full center ``values``."""
+        with torch.no_grad():
+            torch._foreach_copy_(self._center_seg, self._shard.value_views(values))
+
+    def _gathered(self, slices: list[Tensor]) -> list[Tensor]:
+        """A fresh full copy of the worker's ``slices``, per tensor, on the slices' device (collective)."""
+        out = [torch.empty(b.numel, dtype=s.dtype, device=s.device) for b, s in zip(self.layout.buckets, slices)]
+        with torch.no_grad():
+            for index, flat in enumerate(self._full_buckets(slices)):
+                out[index].copy_(flat[: out[index].numel()])
+        return self.layout.views(out)
 
     # ------------------------------------------------------------------ statistics
 
-    def _local_stats(self) -> tuple[Tensor, float]:
-        """This rank's slots of the statistics vector: ‖d_i‖ (also the finiteness flag) and per-tensor norms."""
-        per_tensor = torch.stack(torch._foreach_norm(self._diff_views, 2, dtype=torch.float64))
-        n = len(self.tensors) if self._track else 0
-        p = self.world_size
-        stats = torch.zeros(p * (1 + n), dtype=torch.float64, device=self._diff[0].device)
-        stats[self.rank] = per_tensor.square().sum().sqrt()
-        if n:
-            stats[p + self.rank * n : p + (self.rank + 1) * n] = per_tensor
-        if self._track is None:
-            return stats, 0.0
-        center_sq = torch.stack(torch._foreach_norm(self._center, 2, dtype=torch.float64)).square().sum()
-        return stats, float(center_sq.sqrt())
+    def _squared_norm(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Σ‖t‖² over ``tensors`` in float64 (0 for none), on their device."""
+        if not tensors:
+            return torch.zeros((), dtype=torch.float64, device=self._diff[0].device)
+        return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float64)).square().sum()
 
-    def _record_stats(self, stats: Tensor, center_norm: float) -> None:
-        """Record the all-reduced statistics vector (already on the CPU: `_end` read the divergence flags from it)."""
+    def _local_stats(self) -> Tensor:
+        """This rank's ``[‖d‖², ‖d_t‖² per tensor (when tracked per tensor), ‖x̃‖² (when tracked)]``, float64 on the
+        tensors' device. Sums over this rank's slice only; a worker group all-reduces them to the worker's."""
+        n = len(self.tensors) if self._track else 0
+        out = torch.zeros(2 + n, dtype=torch.float64, device=self._diff[0].device)
+        if self._diff_seg:
+            squares = torch.stack(torch._foreach_norm(self._diff_seg, 2, dtype=torch.float64)).square()
+            out[0] = squares.sum()
+            if n:
+                out[1 : 1 + n].index_add_(0, self._seg_tensor, squares)
+        if self._track is not None:
+            out[-1] = self._squared_norm(self._center_seg)
+        return out.to(self.layout.buckets[0].device)
+
+    def _stats_vector(self, mine: Tensor) -> Tensor:
+        """The exchange's statistics: ``[‖d_g‖² for every worker g, per-tensor ‖d_g,t‖² (p × n), ‖x̃‖², Σ-check]``;
+        each worker fills its own slots (worker 0 the center's) and the column all-reduce sums them."""
+        p, g = self.world_size, self.rank
+        n = mine.numel() - 2
+        stats = torch.zeros(p * (1 + n) + 2, dtype=torch.float64, device=mine.device)
+        stats[g] = mine[0]
+        if n:
+            stats[p + g * n : p + (g + 1) * n] = mine[1 : 1 + n]
+        if g == 0:
+            stats[-2] = mine[-1]
+        return stats
+
+    def _read(self, stats: Tensor) -> Tensor:
+        """The statistics on the host: the exchange's one host synchronisation, through a pinned buffer on CUDA."""
+        if stats.device.type != "cuda":
+            return stats
+        if self._stats_host is None or self._stats_host.numel() != stats.numel():
+            self._stats_host = torch.empty(stats.numel(), dtype=stats.dtype, pin_memory=True)
+        self._stats_host.copy_(stats, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()
+        return self._stats_host
+
+    def _record_stats(self, values: Tensor) -> None:
         p = self.world_size
-        layers = stats[p:].view(p, -1) if self._track else None
-        self._stats.append(ExchangeStats(self.clock, stats[:p].clone(), center_norm, layers))
+        n = (values.numel() - 2) // p - 1
+        layers = values[p : p + p * n].view(p, n).sqrt() if self._track else None
+        self._stats.append(ExchangeStats(self.clock, values[:p].sqrt(), float(values[-2].sqrt()), layers))

@@ -36,7 +36,8 @@ class ExchangeStats:
 
     Attributes:
         step: the worker's clock t at the exchange (optimizer steps taken before it).
-        distances: ``[p]`` float64 tensor, ‖x_i − x̃‖₂ of every rank i.
+        distances: ``[p]`` float64 tensor, ‖x_i − x̃‖₂ of every worker i (with worker groups of k ranks, one entry
+            per group of k ranks, not per rank).
         center_norm: ‖x̃‖₂ of the center the differences were taken against.
         layer_distances: ``[p, n_tensors]`` float64 tensor of per-tensor distances, when requested.
         extra: further scalars an exchange algorithm reports (e.g. the center's version lag in asynchronous
@@ -51,7 +52,7 @@ class ExchangeStats:
 
     @property
     def relative_distances(self) -> Tensor:
-        """‖x_i − x̃‖₂ / ‖x̃‖₂ for every rank (infinite if the center is exactly zero)."""
+        """‖x_i − x̃‖₂ / ‖x̃‖₂ for every worker (infinite if the center is exactly zero)."""
         return self.distances / self.center_norm
 
 
@@ -59,13 +60,16 @@ class ElasticWorker:
     """One worker's side of EASGD, minus the exchange itself (subclasses implement ``step()``).
 
     Subclasses set ``self._local_views`` (where the local values wait while the center is swapped in) and, if
-    their copy of the center can go stale, override :meth:`_refresh_center`.
+    their copy of the center can go stale, override :meth:`_refresh_center`. A subclass that keeps only part of the
+    center (the synchronous averager with worker groups) overrides :meth:`_init_center` and the methods that move
+    the center and the local values.
 
     Args:
         named_tensors: the tensors that take part in the exchange (parameters and floating-point buffers).
         tau: communication period in optimizer steps.
         alpha: moving rate α in (0, 1).
-        bucket_cap_mb: size of the flat buffers the tensors are grouped into.
+        bucket_cap_mb: size of the flat buffers the tensors are grouped into (None: a default for the tensors'
+            device, see :func:`~lightning_easgd.core.buckets.resolve_bucket_cap_mb`).
         overlap: run the exchange's communication during the local step (True) or before it.
         on_nonfinite: ``"raise"`` or ``"reset"``: what to do with a worker whose weights turned NaN or inf.
         timeout: how long to wait for the exchange's communication before raising.
@@ -77,7 +81,7 @@ class ElasticWorker:
         *,
         tau: int,
         alpha: float,
-        bucket_cap_mb: float,
+        bucket_cap_mb: float | None,
         overlap: bool,
         on_nonfinite: NonFinitePolicy,
         timeout: timedelta | None,
@@ -106,16 +110,21 @@ class ElasticWorker:
         """Optimizer steps this worker has taken; the exchange happens when it is a positive multiple of τ."""
 
         self.layout = FlatLayout(self.tensors, bucket_cap_mb)
-        self._center = self.layout.allocate()
-        self._center_views = self.layout.views(self._center)
-        with torch.no_grad():
-            torch._foreach_copy_(self._center_views, self.tensors)
         self._local_views: list[Tensor] = []
+        self._init_center()
         self._pending: object | None = None  # the exchange in flight during a step
         self._center_in_use = False
         self._track: bool | None = None  # None: no statistics; False: totals; True: totals and per tensor
         self._stats: list[ExchangeStats] = []
         self._resets: list[tuple[int, tuple[int, ...]]] = []
+
+    def _init_center(self) -> None:
+        """Allocate this worker's copy of the center and start it at the tensors' values (all ranks agree on them).
+        The default is a complete copy in the layout's buckets; an exchange that keeps only a slice overrides it."""
+        self._center = self.layout.allocate()
+        self._center_views = self.layout.views(self._center)
+        with torch.no_grad():
+            torch._foreach_copy_(self._center_views, self.tensors)
 
     @property
     def exchange_due(self) -> bool:
@@ -145,7 +154,7 @@ class ElasticWorker:
         return stats
 
     def pop_resets(self) -> list[tuple[int, tuple[int, ...]]]:
-        """``(step, ranks)`` of the exchanges since the last call that reset diverged workers to the center
+        """``(step, workers)`` of the exchanges since the last call that reset diverged workers to the center
         (``on_nonfinite="reset"``); a reset worker's optimizer state is the caller's to clear."""
         resets, self._resets = self._resets, []
         return resets
