@@ -4,7 +4,6 @@ PASS/FAIL logic), the table and CSV, the per-check subprocess, and the refusal w
 from __future__ import annotations
 
 import csv
-import inspect
 import os
 import subprocess
 import sys
@@ -62,14 +61,11 @@ def test_shared_device_and_precision_checks_run_tiny_on_the_cpu() -> None:
     assert set(precisions.metrics) == {f"{p}_resume_max_diff" for p in TINY.c_precisions}
 
 
-def test_memory_check_needs_center_device() -> None:
-    from lightning_easgd.core import ElasticAverager
-
+def test_memory_check_runs_with_the_center_on_the_host() -> None:
     result = gpu_check.run_check("d_exchange_memory", CPU, TINY)
-    if "center_device" in inspect.signature(ElasticAverager).parameters:
-        assert result.status == PASS and result.metrics["parameters"] == TINY.d_parameters
-    else:
-        assert result.status == SKIP and result.detail.startswith("needs center_device")
+    assert result.status == PASS and result.metrics["parameters"] == TINY.d_parameters
+    # The center and d_i live on the host; the device holds one bucket-sized staging buffer.
+    assert result.metrics["device_buffer_bytes"] <= result.metrics["bucket_bytes"] < result.metrics["buffer_bytes"]
 
 
 def test_overhead_check_reports_ratios_and_judges_them() -> None:
@@ -91,19 +87,21 @@ def test_a_check_that_raises_is_a_fail_naming_the_error(monkeypatch: pytest.Monk
 
 
 def test_isolated_runs_table_and_csv(tmp_path: Path) -> None:
-    skipped = gpu_check.run_isolated("d_exchange_memory", "cpu", "tiny", timeout=120)
+    isolated = gpu_check.run_isolated("d_exchange_memory", "cpu", "tiny", timeout=120)
     direct = gpu_check.run_check("d_exchange_memory", CPU, TINY)
-    assert (skipped.check, skipped.status, skipped.detail) == (direct.check, direct.status, direct.detail)
+    assert (isolated.check, isolated.status, isolated.detail) == (direct.check, direct.status, direct.detail)
+    assert isolated.status == PASS
+    skipped = Result("b_shared_gpu", SKIP, "needs two processes", {}, 0.0)
     hung = gpu_check.run_isolated("a_fake_world", "cpu", "tiny", timeout=0.01)
     assert hung.status == FAIL and hung.detail == "did not finish within --timeout 0.01 s"
-    results = [skipped, hung, Result("e_resnet50_overhead", PASS, "ratios", {"ratio_tau1": 1.01}, 3.0)]
+    results = [isolated, skipped, hung, Result("e_resnet50_overhead", PASS, "ratios", {"ratio_tau1": 1.01}, 3.0)]
     text = gpu_check.table(results)
-    assert text.splitlines()[-1] == "1 PASS, 1 FAIL, 1 SKIP"
+    assert text.splitlines()[-1] == "2 PASS, 1 FAIL, 1 SKIP"
     assert any(line.startswith("a_fake_world") and " FAIL " in line for line in text.splitlines())
     gpu_check.save_csv(results, tmp_path / "out" / "gpu_check.csv")
     rows = list(csv.DictReader(open(tmp_path / "out" / "gpu_check.csv")))
     assert [(r["check"], r["status"]) for r in rows] == [(r.check, r.status) for r in results]
-    assert rows[2]["metrics"] == '{"ratio_tau1": 1.01}'
+    assert rows[3]["metrics"] == '{"ratio_tau1": 1.01}'
 
 
 @pytest.mark.cuda
