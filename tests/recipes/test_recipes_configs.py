@@ -20,9 +20,9 @@ from recipe_helpers import CONF_DIR, experiments, group_options
 
 from lightning_easgd import EASGDStrategy, ElasticDistanceMonitor
 from lightning_easgd.async_strategy import AsyncEASGDStrategy
-from lightning_easgd.classifier import ImageClassifier, LRSchedulerSpec
-from lightning_easgd.schedulers import DivideOnPlateau
-from lightning_easgd.train import train
+from lightning_easgd.recipes.classifier import ImageClassifier, LRSchedulerSpec
+from lightning_easgd.recipes.schedulers import DivideOnPlateau
+from lightning_easgd.recipes.train import train
 
 Compose = Callable[..., DictConfig]
 

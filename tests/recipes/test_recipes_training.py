@@ -10,13 +10,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_easgd.classifier import ImageClassifier, LRSchedulerSpec
-from lightning_easgd.data import SyntheticDataModule
-from lightning_easgd.models import PaperCIFAR10Net
-from lightning_easgd.plot import find_runs
-from lightning_easgd.plot import main as plot_main
-from lightning_easgd.schedulers import DivideOnPlateau
-from lightning_easgd.wallclock import WallClockLogger
+from lightning_easgd.recipes.classifier import ImageClassifier, LRSchedulerSpec
+from lightning_easgd.recipes.data import SyntheticDataModule
+from lightning_easgd.recipes.models import PaperCIFAR10Net
+from lightning_easgd.recipes.plot import find_runs
+from lightning_easgd.recipes.plot import main as plot_main
+from lightning_easgd.recipes.schedulers import DivideOnPlateau
+from lightning_easgd.recipes.wallclock import WallClockLogger
 
 
 def _optimizer(lr: float = 0.1) -> torch.optim.Optimizer:
