@@ -1,4 +1,4 @@
-"""Callbacks for recovery tests, added with Hydra `+callbacks` overrides: kill a worker once, report where fit starts."""
+"""Callbacks for recovery tests, added with Hydra `+callbacks` overrides: kill a worker once, say where fit starts."""
 
 from __future__ import annotations
 
