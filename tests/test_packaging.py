@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -81,6 +82,7 @@ def test_importing_the_kit_without_its_extra_says_what_to_install() -> None:
             print("imported")
         print("strategy:", lightning_easgd.EASGDStrategy.__name__)
     """)
-    assert "ImportError: lightning_easgd.recipes needs torchvision," in out, out
+    # (On a plugin-only install hydra-core and matplotlib are named too.)
+    assert re.search(r"ImportError: lightning_easgd\.recipes needs [\w, -]*\btorchvision\b", out), out
     assert 'pip install "lightning-easgd[recipes]"' in out, out
     assert "strategy: EASGDStrategy" in out, out
