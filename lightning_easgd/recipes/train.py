@@ -15,11 +15,12 @@ import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from omegaconf import DictConfig
 
 __all__ = ["train"]
@@ -97,8 +98,7 @@ def _continue_csv_logs(trainer: pl.Trainer) -> None:
 
 def _check_checkpoints(trainer: pl.Trainer, test_ckpt: str) -> None:
     """Refuse, before fitting, callbacks that cannot write the checkpoint ``test_ckpt`` names."""
-    writes_last = any(_writes_last(callback) for callback in trainer.checkpoint_callbacks)
-    if test_ckpt == "last" and not writes_last:
+    if test_ckpt == "last" and not any(_writes_last(callback) for callback in _model_checkpoints(trainer)):
         raise TypeError(
             "test_ckpt=last needs a ModelCheckpoint that writes last.ckpt; keep callbacks.last_checkpoint "
             "(callbacks=default)"
@@ -107,24 +107,33 @@ def _check_checkpoints(trainer: pl.Trainer, test_ckpt: str) -> None:
         raise TypeError(
             "test_ckpt=best needs a ModelCheckpoint with a monitor; keep callbacks.model_checkpoint (callbacks=default)"
         )
+    for callback in _model_checkpoints(trainer):
+        if callback.monitor and callback.save_last:
+            rank_zero_warn(
+                f"A ModelCheckpoint monitoring {callback.monitor!r} has save_last={callback.save_last!r}: Lightning "
+                "rewrites its last.ckpt only when the metric improves, so ckpt_path=auto and test_ckpt=last may use "
+                "an old epoch. Set save_last: false there and keep callbacks.last_checkpoint."
+            )
 
 
-def _writes_last(callback: Checkpoint) -> bool:
+def _model_checkpoints(trainer: pl.Trainer) -> list[ModelCheckpoint]:
+    return [callback for callback in trainer.checkpoint_callbacks if isinstance(callback, ModelCheckpoint)]
+
+
+def _writes_last(callback: ModelCheckpoint) -> bool:
     """Whether ``callback`` writes ``last.ckpt``: named ``last`` (``callbacks.last_checkpoint``) or ``save_last``."""
-    return isinstance(callback, ModelCheckpoint) and (
-        callback.filename == ModelCheckpoint.CHECKPOINT_NAME_LAST or bool(callback.save_last)
-    )
+    return callback.filename == ModelCheckpoint.CHECKPOINT_NAME_LAST or bool(callback.save_last)
 
 
 def _last_checkpoint(trainer: pl.Trainer) -> Path | None:
     """Where this run's ``last.ckpt`` is written: by a ``ModelCheckpoint`` named ``last`` or with ``save_last``.
 
-    The recipes' ``callbacks.last_checkpoint`` rewrites it at every end of epoch (see
+    The recipes' ``callbacks.last_checkpoint`` rewrites it after every validation (see
     ``conf/callbacks/last_checkpoint.yaml``). ``None`` when no callback writes one or its directory is only
     resolved when ``fit`` starts.
     """
     name = f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
-    for callback in trainer.checkpoint_callbacks:
+    for callback in _model_checkpoints(trainer):
         if _writes_last(callback) and callback.dirpath is not None:
             return Path(callback.dirpath) / name
     return None
@@ -132,8 +141,7 @@ def _last_checkpoint(trainer: pl.Trainer) -> Path | None:
 
 def _best_checkpoint(trainer: pl.Trainer) -> ModelCheckpoint | None:
     """The ``ModelCheckpoint`` that keeps the best monitored checkpoint (``callbacks.model_checkpoint``)."""
-    monitored = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor]
-    return monitored[0] if monitored else None
+    return next((callback for callback in _model_checkpoints(trainer) if callback.monitor), None)
 
 
 def _test_checkpoint(trainer: pl.Trainer, which: str) -> str:

@@ -22,7 +22,7 @@ from lightning_easgd import EASGDStrategy, ElasticDistanceMonitor
 from lightning_easgd.async_strategy import AsyncEASGDStrategy
 from lightning_easgd.recipes.classifier import ImageClassifier, LRSchedulerSpec
 from lightning_easgd.recipes.schedulers import DivideOnPlateau
-from lightning_easgd.recipes.train import train
+from lightning_easgd.recipes.train import _check_checkpoints, train
 
 Compose = Callable[..., DictConfig]
 
@@ -282,3 +282,10 @@ def test_last_ckpt_is_written_by_monitorless_checkpoints_and_the_best_one_keeps_
     lasts = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.filename == "last"]
     assert [(cb.monitor, cb.every_n_epochs, cb._every_n_train_steps) for cb in lasts] == [(None, 1, 0), (None, 0, 500)]
     assert {cb.dirpath for cb in trainer.checkpoint_callbacks} == {str(Path(cfg.paths.output_dir) / "checkpoints")}
+
+
+def test_a_monitored_checkpoint_that_saves_last_is_warned_about(compose_cfg: Compose, fake_cifar10: Path) -> None:
+    cifar, _ = _data_overrides(fake_cifar10, fake_cifar10)
+    trainer = _build(compose_cfg("cifar10", [*cifar, "callbacks.model_checkpoint.save_last=true"]))
+    with pytest.warns(UserWarning, match="monitoring 'val/acc' has save_last=True: Lightning rewrites its last.ckpt"):
+        _check_checkpoints(trainer, "last")
