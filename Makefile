@@ -11,7 +11,7 @@ TRAIN_ARGS ?= trainer=cpu trainer.devices=2 trainer.max_epochs=10 data.num_worke
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[recipes,test]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -140,7 +140,7 @@ class Result:
 def train_one(method: Method, hosts: Sequence[Any], *, rate: str, port: int, processes: int, epochs: int,
               run_dir: Path, timeout: float, **recipe: Any) -> Result:
     """Run ``method`` to completion on ``hosts`` (:class:`benchmarks.netlab.Host`, the first p are used)."""
-    from lightning_easgd.plot import find_runs
+    from lightning_easgd.recipes.plot import find_runs
 
     workers = method.workers(processes)
     if run_dir.exists():

@@ -109,8 +109,8 @@ def train(
     start_method: str = "popen",
 ) -> None:
     """Train ``method`` for ``warmup + steps`` optimizer steps on synthetic CIFAR-shaped data."""
-    from lightning_easgd.classifier import ImageClassifier
-    from lightning_easgd.models import PaperCIFAR10Net
+    from lightning_easgd.recipes.classifier import ImageClassifier
+    from lightning_easgd.recipes.models import PaperCIFAR10Net
 
     torch.manual_seed(0)
     total_steps = warmup + steps

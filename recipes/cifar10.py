@@ -11,13 +11,14 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
-
 if importlib.util.find_spec("lightning_easgd") is None:  # running from a source checkout, not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lightning_easgd.train import train
+# The kit first: without the recipes extra its ImportError says what to install.
+from lightning_easgd.recipes.train import train  # noqa: E402
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="cifar10")

@@ -1,4 +1,4 @@
-"""A callback that kills one worker with SIGKILL, once, to test recovery (added with a Hydra `+callbacks` override)."""
+"""Callbacks for recovery tests, added with Hydra `+callbacks` overrides: kill a worker once, say where fit starts."""
 
 from __future__ import annotations
 
@@ -19,3 +19,11 @@ class KillOnce(L.Callback):
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
         if first_attempt and trainer.global_rank == self.rank and trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class ReportStart(L.Callback):
+    """Print, on global rank 0, where fit starts: the epoch and optimizer step a resumed run continues from."""
+
+    def on_train_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.is_global_zero:
+            print(f"fit starts at epoch {trainer.current_epoch}, step {trainer.global_step}", flush=True)

@@ -20,9 +20,9 @@ from recipe_helpers import CONF_DIR, experiments, group_options
 
 from lightning_easgd import EASGDStrategy, ElasticDistanceMonitor
 from lightning_easgd.async_strategy import AsyncEASGDStrategy
-from lightning_easgd.classifier import ImageClassifier, LRSchedulerSpec
-from lightning_easgd.schedulers import DivideOnPlateau
-from lightning_easgd.train import train
+from lightning_easgd.recipes.classifier import ImageClassifier, LRSchedulerSpec
+from lightning_easgd.recipes.schedulers import DivideOnPlateau
+from lightning_easgd.recipes.train import _check_checkpoints, train
 
 Compose = Callable[..., DictConfig]
 
@@ -253,3 +253,39 @@ def test_unknown_test_ckpt_is_refused(compose_cfg: Compose) -> None:
     cfg = compose_cfg("cifar10", ["test_ckpt=middle"])
     with pytest.raises(ValueError, match="test_ckpt"):
         train(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["~callbacks.last_checkpoint", "~callbacks.last_checkpoint_steps"], "test_ckpt=last needs"),
+        (["~callbacks.model_checkpoint", "test_ckpt=best"], "test_ckpt=best needs"),
+    ],
+)
+def test_callbacks_that_cannot_write_the_tested_checkpoint_are_refused_before_fit(
+    overrides: list[str], message: str, compose_cfg: Compose, fake_cifar10: Path
+) -> None:
+    cifar, _ = _data_overrides(fake_cifar10, fake_cifar10)
+    cfg = compose_cfg("cifar10", ["strategy=msgd", "trainer=cpu", "logger=csv", *cifar, *overrides])
+    with pytest.raises(TypeError, match=message):
+        train(cfg)
+
+
+def test_last_ckpt_is_written_by_monitorless_checkpoints_and_the_best_one_keeps_its_metric(
+    compose_cfg: Compose, fake_cifar10: Path
+) -> None:
+    cifar, _ = _data_overrides(fake_cifar10, fake_cifar10)
+    cfg = compose_cfg("cifar10", [*cifar, "callbacks.last_checkpoint_steps.every_n_train_steps=500"])
+    trainer = _build(cfg)
+    best = trainer.checkpoint_callback
+    assert isinstance(best, ModelCheckpoint) and best.monitor == "val/acc" and not best.save_last
+    lasts = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.filename == "last"]
+    assert [(cb.monitor, cb.every_n_epochs, cb._every_n_train_steps) for cb in lasts] == [(None, 1, 0), (None, 0, 500)]
+    assert {cb.dirpath for cb in trainer.checkpoint_callbacks} == {str(Path(cfg.paths.output_dir) / "checkpoints")}
+
+
+def test_a_monitored_checkpoint_that_saves_last_is_warned_about(compose_cfg: Compose, fake_cifar10: Path) -> None:
+    cifar, _ = _data_overrides(fake_cifar10, fake_cifar10)
+    trainer = _build(compose_cfg("cifar10", [*cifar, "callbacks.model_checkpoint.save_last=true"]))
+    with pytest.warns(UserWarning, match="monitoring 'val/acc' has save_last=True: Lightning rewrites its last.ckpt"):
+        _check_checkpoints(trainer, "last")

@@ -28,8 +28,8 @@ from recipe_helpers import (
     run_recipe,
 )
 
-from lightning_easgd.plot import find_runs
-from lightning_easgd.plot import main as plot_main
+from lightning_easgd.recipes.plot import find_runs
+from lightning_easgd.recipes.plot import main as plot_main
 
 
 def _rows(run_dir: Path) -> list[dict[str, str]]:

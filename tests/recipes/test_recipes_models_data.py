@@ -17,8 +17,13 @@ from recipe_helpers import (
 )
 from torch import nn
 
-from lightning_easgd.data import CIFAR10DataModule, ImageFolderDataModule, SyntheticDataModule, cifar10_transforms
-from lightning_easgd.models import CIFARResNet, PaperCIFAR10Net, PaperImageNetNet
+from lightning_easgd.recipes.data import (
+    CIFAR10DataModule,
+    ImageFolderDataModule,
+    SyntheticDataModule,
+    cifar10_transforms,
+)
+from lightning_easgd.recipes.models import CIFARResNet, PaperCIFAR10Net, PaperImageNetNet
 
 
 def _count(model: nn.Module) -> int:

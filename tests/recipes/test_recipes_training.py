@@ -1,22 +1,26 @@
-"""The classifier, the divide-on-plateau scheduler, the wall-clock logger and the plot command."""
+"""The classifier, the divide-on-plateau scheduler, the progress bar, the wall-clock logger and the plot command."""
 
 from __future__ import annotations
 
 import csv
+from collections import Counter
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_easgd.classifier import ImageClassifier, LRSchedulerSpec
-from lightning_easgd.data import SyntheticDataModule
-from lightning_easgd.models import PaperCIFAR10Net
-from lightning_easgd.plot import find_runs
-from lightning_easgd.plot import main as plot_main
-from lightning_easgd.schedulers import DivideOnPlateau
-from lightning_easgd.wallclock import WallClockLogger
+from lightning_easgd.recipes.classifier import ImageClassifier, LRSchedulerSpec
+from lightning_easgd.recipes.data import SyntheticDataModule
+from lightning_easgd.recipes.models import PaperCIFAR10Net
+from lightning_easgd.recipes.plot import find_runs
+from lightning_easgd.recipes.plot import main as plot_main
+from lightning_easgd.recipes.progress import MetricsProgressBar
+from lightning_easgd.recipes.schedulers import DivideOnPlateau
+from lightning_easgd.recipes.wallclock import WallClockLogger
 
 
 def _optimizer(lr: float = 0.1) -> torch.optim.Optimizer:
@@ -95,6 +99,74 @@ def test_classifier_trains_with_the_plateau_schedule_and_logs_time(tmp_path: Pat
     results = trainer.test(module, datamodule=data, verbose=False)
     assert set(results[0]) == {"test/acc", "test/acc_top5", "test/loss"}
 
+
+# The aten ops that make the host wait for a GPU: .item(), bool(), float() of a tensor (all _local_scalar_dense),
+# and ops whose output size depends on the data.
+_HOST_WAITS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "bincount"}
+
+
+class _HostWaits(TorchDispatchMode):
+    """Counts, per training batch, the ops that would make the host wait for the device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch: int | None = None
+        self.per_batch: Counter[int] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if self.batch is not None and func.overloadpacket.__name__ in _HOST_WAITS:
+            self.per_batch[self.batch] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _TagBatches(pl.Callback):
+    """A batch lasts from its on_train_batch_start to the next one's, so that Lightning's logging after the batch's
+    callbacks counts too; validation is not counted."""
+
+    def __init__(self, waits: _HostWaits) -> None:
+        self.waits = waits
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.waits.batch = args[-1]
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.waits.batch = None
+
+
+def test_training_steps_wait_for_the_device_only_to_log_or_redraw_the_bar(tmp_path: Path) -> None:
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+    module = ImageClassifier(net, partial(torch.optim.SGD, lr=0.1), num_classes=10)
+    data = SyntheticDataModule(image_size=8, train_size=12 * 16, val_size=16, test_size=16, batch_size=16)
+    waits = _HostWaits()
+    bar = MetricsProgressBar(["train/loss_step", "train/loss_epoch"], refresh_rate=4)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        log_every_n_steps=5,
+        logger=pl.loggers.CSVLogger(tmp_path, name="csv", version=""),
+        callbacks=[bar, _TagBatches(waits)],
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    with waits:
+        trainer.fit(module, datamodule=data)
+    # Batch 11, the last, also creates the validation loader's iterator (a seed read), so it is left out. Lightning
+    # writes the logs after batches 4 and 9 and the bar redraws after batches 3 and 7; every other step runs free.
+    assert {batch for batch in waits.per_batch if batch != 11} == {3, 4, 7, 9}, waits.per_batch
+    # Nothing logged is lost: step and epoch values in the CSV, the loss in the bar.
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
+    logged = {key for row in rows for key, value in row.items() if value}
+    assert {"train/loss_step", "train/acc_step", "train/loss_epoch", "train/acc_epoch", "val/acc"} <= logged
+    shown = bar.get_metrics(trainer, module)
+    assert {"train/loss_step", "train/loss_epoch", "val/acc"} <= set(shown)
+    assert all(isinstance(shown[key], float) for key in ("train/loss_step", "train/loss_epoch"))
+
+
+def test_metrics_progress_bar_wants_a_list_of_names() -> None:
+    with pytest.raises(TypeError, match="metrics must be a sequence of metric names, got the string 'train/loss'"):
+        MetricsProgressBar("train/loss")
 
 def test_wall_clock_logger_state_round_trips() -> None:
     clock = WallClockLogger()

@@ -4,7 +4,7 @@ torchvision's ResNet-50 needs no wrapper: ``conf/model/resnet50.yaml`` targets
 ``torchvision.models.resnet50`` directly.
 """
 
-from lightning_easgd.models.paper import PaperCIFAR10Net, PaperImageNetNet
-from lightning_easgd.models.resnet_cifar import CIFARResNet
+from lightning_easgd.recipes.models.paper import PaperCIFAR10Net, PaperImageNetNet
+from lightning_easgd.recipes.models.resnet_cifar import CIFARResNet
 
 __all__ = ["CIFARResNet", "PaperCIFAR10Net", "PaperImageNetNet"]

@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from omegaconf import DictConfig
 
 __all__ = ["train"]
@@ -95,26 +96,74 @@ def _continue_csv_logs(trainer: pl.Trainer) -> None:
             writer.metrics_keys = sorted(set(writer.metrics_keys) | set(header))
 
 
-def _test_checkpoint(checkpoint: ModelCheckpoint, which: str) -> str:
-    """Path of the checkpoint to test; it holds the center's weights under EASGD."""
-    if which == "best":
-        path = checkpoint.best_model_path
-    else:
-        # With fork/spawn launchers only `best_model_path` travels back to this process, so look on disk.
-        path = checkpoint.last_model_path
-        if not path and checkpoint.dirpath is not None:
-            candidates = sorted(Path(checkpoint.dirpath).glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
-            path = str(candidates[-1]) if candidates else ""
-    if not path or not Path(path).is_file():
-        raise FileNotFoundError(
-            f"test_ckpt={which!r}: no such checkpoint was written (dirpath={checkpoint.dirpath!r}, "
-            f"monitor={checkpoint.monitor!r}). Check that validation ran and logged the monitored metric, "
-            "and that callbacks.model_checkpoint.save_last is true for test_ckpt=last."
+def _check_checkpoints(trainer: pl.Trainer, test_ckpt: str) -> None:
+    """Refuse, before fitting, callbacks that cannot write the checkpoint ``test_ckpt`` names."""
+    if test_ckpt == "last" and not any(_writes_last(callback) for callback in _model_checkpoints(trainer)):
+        raise TypeError(
+            "test_ckpt=last needs a ModelCheckpoint that writes last.ckpt; keep callbacks.last_checkpoint "
+            "(callbacks=default)"
         )
+    if test_ckpt == "best" and _best_checkpoint(trainer) is None:
+        raise TypeError(
+            "test_ckpt=best needs a ModelCheckpoint with a monitor; keep callbacks.model_checkpoint (callbacks=default)"
+        )
+    for callback in _model_checkpoints(trainer):
+        if callback.monitor and callback.save_last:
+            rank_zero_warn(
+                f"A ModelCheckpoint monitoring {callback.monitor!r} has save_last={callback.save_last!r}: Lightning "
+                "rewrites its last.ckpt only when the metric improves, so ckpt_path=auto and test_ckpt=last may use "
+                "an old epoch. Set save_last: false there and keep callbacks.last_checkpoint."
+            )
+
+
+def _model_checkpoints(trainer: pl.Trainer) -> list[ModelCheckpoint]:
+    return [callback for callback in trainer.checkpoint_callbacks if isinstance(callback, ModelCheckpoint)]
+
+
+def _writes_last(callback: ModelCheckpoint) -> bool:
+    """Whether ``callback`` writes ``last.ckpt``: named ``last`` (``callbacks.last_checkpoint``) or ``save_last``."""
+    return callback.filename == ModelCheckpoint.CHECKPOINT_NAME_LAST or bool(callback.save_last)
+
+
+def _last_checkpoint(trainer: pl.Trainer) -> Path | None:
+    """Where this run's ``last.ckpt`` is written: by a ``ModelCheckpoint`` named ``last`` or with ``save_last``.
+
+    The recipes' ``callbacks.last_checkpoint`` rewrites it after every validation (see
+    ``conf/callbacks/last_checkpoint.yaml``). ``None`` when no callback writes one or its directory is only
+    resolved when ``fit`` starts.
+    """
+    name = f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+    for callback in _model_checkpoints(trainer):
+        if _writes_last(callback) and callback.dirpath is not None:
+            return Path(callback.dirpath) / name
+    return None
+
+
+def _best_checkpoint(trainer: pl.Trainer) -> ModelCheckpoint | None:
+    """The ``ModelCheckpoint`` that keeps the best monitored checkpoint (``callbacks.model_checkpoint``)."""
+    return next((callback for callback in _model_checkpoints(trainer) if callback.monitor), None)
+
+
+def _test_checkpoint(trainer: pl.Trainer, which: str) -> str:
+    """Path of the checkpoint to test; it holds the center's weights under EASGD.
+
+    ``last.ckpt`` is looked up on disk: with fork/spawn launchers only ``best_model_path`` travels back to this
+    process.
+    """
+    if which == "best":
+        best = _best_checkpoint(trainer)
+        path = best.best_model_path if best is not None else ""
+        hint = "Check that validation ran and logged the monitored metric (callbacks.model_checkpoint.monitor)."
+    else:
+        last = _last_checkpoint(trainer)
+        path = str(last) if last is not None else ""
+        hint = "Keep callbacks.last_checkpoint (callbacks=default) for test_ckpt=last."
+    if not path or not Path(path).is_file():
+        raise FileNotFoundError(f"test_ckpt={which!r}: no such checkpoint was written ({path or 'no path'}). {hint}")
     return path
 
 
-def _resume_path(cfg: DictConfig, checkpoint: ModelCheckpoint) -> str | None:
+def _resume_path(cfg: DictConfig, trainer: pl.Trainer) -> str | None:
     """The checkpoint ``fit`` resumes from: ``ckpt_path=auto`` picks this run's ``last.ckpt`` when there is one.
 
     A restarted job (torchrun ``--max-restarts``, a SLURM requeue) re-runs the same command with the same run
@@ -123,10 +172,8 @@ def _resume_path(cfg: DictConfig, checkpoint: ModelCheckpoint) -> str | None:
     ckpt_path = cfg.get("ckpt_path", AUTO_RESUME)
     if ckpt_path != AUTO_RESUME:
         return ckpt_path
-    if checkpoint.dirpath is None:
-        return None
-    last = Path(checkpoint.dirpath) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
-    if not last.is_file():
+    last = _last_checkpoint(trainer)
+    if last is None or not last.is_file():
         return None
     if rank_zero_only.rank == 0:
         print(f"Resuming from {last} (ckpt_path=auto)", flush=True)
@@ -173,7 +220,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     Raises:
         ValueError: for combinations that cannot work (popen launcher in a multirun, a single-device strategy
             with several devices, an unknown ``test_ckpt``).
-        TypeError: the callbacks include no ``ModelCheckpoint`` to test from.
+        TypeError: the callbacks include no ``ModelCheckpoint`` that writes the checkpoint ``test_ckpt`` names.
     """
     test_ckpt = cfg.get("test_ckpt", "last")
     if test_ckpt not in _TEST_CKPT_CHOICES:
@@ -188,16 +235,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers: list[Logger] = _instantiate_named(cfg.get("logger"), "logger")
     trainer: pl.Trainer = instantiate(cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers or False)
     _check_launch(cfg, trainer)
-    checkpoint = trainer.checkpoint_callback
-    if not isinstance(checkpoint, ModelCheckpoint):
-        raise TypeError(
-            "testing the center needs a ModelCheckpoint callback; keep callbacks.model_checkpoint (callbacks=default)"
-        )
+    _check_checkpoints(trainer, test_ckpt)
 
     _open_csv_logs(trainer.loggers)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, checkpoint))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, trainer))
     _continue_csv_logs(trainer)
-    tested = _test_checkpoint(checkpoint, test_ckpt)
+    tested = _test_checkpoint(trainer, test_ckpt)
     results = trainer.test(module, datamodule=datamodule, ckpt_path=tested, verbose=False)
     metrics = {key: float(value) for key, value in (results[0] if results else {}).items()}
     _report(trainer, tested, metrics)

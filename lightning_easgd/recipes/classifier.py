@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -75,6 +76,13 @@ class ImageClassifier(pl.LightningModule):
     step and undo the communication savings EASGD is for; the epoch average is identical on every rank, so a
     scheduler monitoring it takes the same decision on every worker.
 
+    No training step waits for the device: the metrics accumulate on it; the loss means skip torchmetrics' NaN
+    check (``nan_strategy="disable"``), whose ``if nans.any()`` is a host synchronisation on every update, so a
+    NaN loss shows as a NaN ``train/loss`` instead of being dropped with a warning; and ``train/loss`` is not
+    logged with ``prog_bar=True``, which Lightning turns into a Python number after every batch. Values reach
+    the host only when Lightning writes the logs (every ``log_every_n_steps``) and when a
+    :class:`~lightning_easgd.recipes.progress.MetricsProgressBar` redraws (the recipes show ``train/loss`` there).
+
     Args:
         net: The network mapping images to logits.
         optimizer: ``functools.partial``-style factory taking the parameters (Hydra ``_partial_: true``).
@@ -103,7 +111,7 @@ class ImageClassifier(pl.LightningModule):
         self.net = net
         self.optimizer_factory = optimizer
         self.lr_scheduler_spec = lr_scheduler
-        self.train_loss = MeanMetric()
+        self.train_loss = MeanMetric(nan_strategy="disable")
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.eval_acc = nn.ModuleDict(
             {stage: MulticlassAccuracy(num_classes, average="micro") for stage in ("val", "test")}
@@ -113,7 +121,7 @@ class ImageClassifier(pl.LightningModule):
             if top_k is None
             else {stage: MulticlassAccuracy(num_classes, top_k=top_k, average="micro") for stage in ("val", "test")}
         )
-        self.eval_loss = nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
+        self.eval_loss = nn.ModuleDict({stage: MeanMetric(nan_strategy="disable") for stage in ("val", "test")})
 
     def forward(self, x: Tensor) -> Tensor:
         """Return the logits of ``net``."""
@@ -126,14 +134,16 @@ class ImageClassifier(pl.LightningModule):
         loss = F.cross_entropy(logits, y)
         self.train_loss(loss.detach())
         self.train_acc(logits.detach(), y)
-        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
+        # Not prog_bar=True: Lightning would read it on the host after every batch (see MetricsProgressBar).
+        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True)
         self.log("train/acc", self.train_acc, on_step=True, on_epoch=True)
         return loss
 
     def _eval_step(self, stage: str, batch: tuple[Tensor, Tensor]) -> None:
         x, y = batch
         logits = self(x)
-        self.eval_loss[stage](F.cross_entropy(logits, y), weight=y.numel())
+        loss = F.cross_entropy(logits, y)
+        self.eval_loss[stage](loss, weight=torch.full_like(loss, y.numel()))  # made on the device, not copied there
         self.eval_acc[stage](logits, y)
         self.log(f"{stage}/loss", self.eval_loss[stage], on_epoch=True)
         self.log(f"{stage}/acc", self.eval_acc[stage], on_epoch=True, prog_bar=True)

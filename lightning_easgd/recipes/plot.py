@@ -1,4 +1,4 @@
-"""Draw the paper's figures for your own runs: ``python -m lightning_easgd.plot RUN_DIR [RUN_DIR ...]``.
+"""Draw the paper's figures for your own runs: ``python -m lightning_easgd.recipes.plot RUN_DIR [RUN_DIR ...]``.
 
 Reads the CSV logs the recipes write (``<run dir>/csv/metrics.csv``) and saves three PNGs:
 
@@ -182,7 +182,9 @@ def _summary(runs: Sequence[Run]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     """Command-line entry point; returns the files written."""
-    parser = argparse.ArgumentParser(prog="python -m lightning_easgd.plot", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_easgd.recipes.plot", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("runs", nargs="+", help="run directories, multirun sweep directories or metrics.csv files")
     parser.add_argument("--out", help="directory for the PNGs (default: the first run directory)")
     parser.add_argument("--labels", nargs="+", help="one legend label per run found, in order")

@@ -8,7 +8,7 @@ import torch
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
-from lightning_easgd.data._base import ClassificationDataModule
+from lightning_easgd.recipes.data._base import ClassificationDataModule
 
 __all__ = ["ImageFolderDataModule", "imagenet_transforms"]
 

@@ -17,7 +17,7 @@ class WallClockLogger(Callback):
 
     At the end of each validation run (sanity checks excluded) it logs ``time/train_s``, the seconds spent
     training since ``fit`` started *excluding* validation, and ``time/elapsed_s``, the seconds including it.
-    They land in the same logger row as ``val/acc``, which is what ``python -m lightning_easgd.plot`` reads.
+    They land in the same logger row as ``val/acc``, which is what ``python -m lightning_easgd.recipes.plot`` reads.
     The slowest rank's time is logged (one scalar all-reduce per validation). Both clocks are saved in
     checkpoints and continue when a run is resumed.
     """

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from lightning_easgd.data._base import ClassificationDataModule
+from lightning_easgd.recipes.data._base import ClassificationDataModule
 
 __all__ = ["SyntheticDataModule", "SyntheticImages"]
 

@@ -11,7 +11,7 @@ from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import v2
 
-from lightning_easgd.data._base import ClassificationDataModule
+from lightning_easgd.recipes.data._base import ClassificationDataModule
 
 __all__ = ["CIFAR10DataModule", "cifar10_transforms"]
 
