@@ -28,7 +28,7 @@ from lightning_easgd.core.topology import worker_topology
 def _models() -> dict[str, nn.Module]:
     import torchvision
 
-    from lightning_easgd.models.paper import PaperCIFAR10Net, PaperImageNetNet
+    from lightning_easgd.recipes.models.paper import PaperCIFAR10Net, PaperImageNetNet
 
     return {"paper CIFAR-10 net": PaperCIFAR10Net(), "paper ImageNet net": PaperImageNetNet(),
             "ResNet-50": torchvision.models.resnet50()}
