@@ -40,7 +40,13 @@ from typing_extensions import override
 
 from lightning_easgd.checkpoint_io import AtomicCheckpointIO
 from lightning_easgd.core import DEFAULT_BETA, ElasticAverager, broadcast_tensors, resolve_alpha
-from lightning_easgd.core.hyperparams import validate_alpha, validate_beta, validate_tau
+from lightning_easgd.core.center_momentum import (
+    check_center_momentum,
+    validate_center_momentum,
+    validate_center_nesterov,
+)
+from lightning_easgd.core.hyperparams import validate_alpha, validate_beta
+from lightning_easgd.core.schedule import ExchangeSchedule
 from lightning_easgd.core.worker import ElasticWorker, NonFinitePolicy
 from lightning_easgd.rng import capture_rng_state, restore_rng_state
 
@@ -97,6 +103,16 @@ class EASGDStrategy(DDPStrategy):
             :class:`~lightning_easgd.core.NonFiniteWorkerError` naming the workers and the step, so the run stops
             with the last good checkpoint intact. ``"reset"``: the diverged workers' contributions are dropped,
             they restart from the center with empty optimizer state, and a warning names them.
+        center_momentum: momentum μ in [0, 1) on the center's updates (beyond the paper; see
+            docs/center_momentum.md): with s = α·Σ_i d_i, heavy ball ``v ← μ·v + s; x̃ ← x̃ + v``. The workers'
+            pull is unchanged; v is identical on every rank and travels in checkpoints. 0 (default): the paper's
+            rule, bit for bit. Refused where the center's iteration diverges (β ≥ 2·(1 + μ), Nesterov
+            β ≥ 2·(1 + μ)/(1 + 2μ)), warned where it overshoots the workers' mean at nearly every exchange.
+        center_nesterov: use the Nesterov form ``v ← μ·v + s; x̃ ← x̃ + μ·v + s`` instead.
+        warmup_steps: exchange every ``warmup_tau`` optimizer steps while the clock is below ``warmup_steps``, and
+            every ``tau`` steps afterwards (on the multiples of tau, as without a warm-up). 0 (default): no warm-up.
+            The schedule depends only on the clock, so resuming keeps it exact.
+        warmup_tau: the communication period during the warm-up, in [1, tau].
         timeout: how long collectives, the exchange included, may wait for a peer before failing with an error
             (a dead or stalled worker then stops the run instead of hanging it). Default: 30 minutes.
         checkpoint_io: defaults to :class:`~lightning_easgd.checkpoint_io.AtomicCheckpointIO`, which never leaves
@@ -122,6 +138,10 @@ class EASGDStrategy(DDPStrategy):
         bucket_cap_mb: float = 25.0,
         save_worker_states: bool = True,
         on_nonfinite: NonFinitePolicy = "raise",
+        center_momentum: float = 0.0,
+        center_nesterov: bool = False,
+        warmup_steps: int = 0,
+        warmup_tau: int = 1,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -133,7 +153,10 @@ class EASGDStrategy(DDPStrategy):
         **kwargs: Any,
     ) -> None:
         _refuse_ddp_options(kwargs)
-        self.tau = validate_tau(tau)
+        schedule = ExchangeSchedule(tau, warmup_steps, warmup_tau)  # validates all three
+        self.tau, self.warmup_steps, self.warmup_tau = schedule.tau, schedule.warmup_steps, schedule.warmup_tau
+        self.center_momentum = validate_center_momentum(center_momentum)
+        self.center_nesterov = validate_center_nesterov(center_nesterov)
         self._alpha = None if alpha is None else validate_alpha(alpha)
         self.beta = validate_beta(beta)
         if not isinstance(overlap, bool):
@@ -239,6 +262,7 @@ class EASGDStrategy(DDPStrategy):
         loaded, self._loaded = self._loaded, None
         self._workers = None
         if fitting and loaded is not None:
+            self._resume_center_velocity(loaded.get("center_velocity"))
             self._resume_workers(loaded)
 
     def _setup_averager(self) -> None:
@@ -250,6 +274,8 @@ class EASGDStrategy(DDPStrategy):
                 "elastic pull still runs, without any communication."
             )
         alpha, warning = resolve_alpha(self._alpha, self.beta, self.world_size)
+        if self.center_momentum:  # momentum moves the overshoot threshold (and the divergence bound)
+            warning = check_center_momentum(self.world_size * alpha, self.center_momentum, self.center_nesterov)
         if warning:
             rank_zero_warn(warning)
         state = module.state_dict(keep_vars=True)
@@ -272,7 +298,9 @@ class EASGDStrategy(DDPStrategy):
     def _create_averager(self, elastic: list[tuple[str, Tensor]], alpha: float) -> ElasticWorker:
         """Build the exchange over ``elastic`` (all ranks hold equal values here); subclasses swap the algorithm."""
         return ElasticAverager(elastic, tau=self.tau, alpha=alpha, bucket_cap_mb=self.bucket_cap_mb,
-                               overlap=self.overlap, on_nonfinite=self.on_nonfinite, timeout=self._timeout)
+                               overlap=self.overlap, on_nonfinite=self.on_nonfinite, timeout=self._timeout,
+                               center_momentum=self.center_momentum, center_nesterov=self.center_nesterov,
+                               warmup_steps=self.warmup_steps, warmup_tau=self.warmup_tau)
 
     @override
     def teardown(self) -> None:
@@ -401,6 +429,9 @@ class EASGDStrategy(DDPStrategy):
                 "alpha": self._averager.alpha,
                 "clock": self._averager.clock,
             }
+            velocity = self._averager.center_velocity()
+            if velocity is not None:
+                section["center_velocity"] = {k: v.detach().to("cpu", copy=True) for k, v in velocity.items()}
             if self.save_worker_states:
                 mine = {
                     "state_dict": self._local_state_dict(),
@@ -452,6 +483,15 @@ class EASGDStrategy(DDPStrategy):
                 f"the checkpoint's weights do not fit this model ({type(self.lightning_module).__name__}); was it "
                 f"saved from another model or configuration?\n{error}"
             ) from error
+
+    def _resume_center_velocity(self, velocity: Mapping[str, Tensor] | None) -> None:
+        """Restore the center momentum's velocity (zero from a checkpoint without one), or say that it is dropped."""
+        assert self._averager is not None
+        if velocity is not None and self._averager.center_momentum is None:
+            rank_zero_warn("EASGD resume: the checkpoint holds a center-momentum velocity, but this run has "
+                           "center_momentum=0: the velocity is dropped and the paper's rule is used.")
+            return
+        self._averager.load_center_velocity(velocity)
 
     def _resume_workers(self, section: dict[str, Any]) -> None:
         """Give this rank back its own weights; ranks the checkpoint did not have start from the center."""

@@ -6,14 +6,18 @@ when an optimizer step happens, when evaluation starts and ends, and what goes i
 
 from lightning_easgd.core.averager import ElasticAverager
 from lightning_easgd.core.buckets import FlatLayout, broadcast_tensors
+from lightning_easgd.core.center_momentum import CenterMomentum
 from lightning_easgd.core.hyperparams import DEFAULT_BETA, resolve_alpha, validate_alpha, validate_beta, validate_tau
+from lightning_easgd.core.schedule import ExchangeSchedule
 from lightning_easgd.core.worker import ElasticWorker, ExchangeError, ExchangeStats, NonFiniteWorkerError
 
 __all__ = [
     "DEFAULT_BETA",
+    "CenterMomentum",
     "ElasticAverager",
     "ElasticWorker",
     "ExchangeError",
+    "ExchangeSchedule",
     "ExchangeStats",
     "FlatLayout",
     "NonFiniteWorkerError",

@@ -94,6 +94,8 @@ class AsyncElasticAverager(ElasticWorker):
         timeout: how long any wait on other ranks (an exchange, a snapshot barrier, the shutdown) may last before
             raising :class:`~lightning_easgd.core.ExchangeError` (default 30 minutes).
         group: process group of the workers (default: the world).
+        warmup_steps, warmup_tau: exchange every ``warmup_tau`` of this worker's steps during its first
+            ``warmup_steps`` steps (:class:`~lightning_easgd.core.schedule.ExchangeSchedule`).
 
     Statistics (:meth:`track_distances`, nothing extra is communicated): at its exchange a worker knows its own
     ‖x_i − x̃‖ exactly, and the owners tell it every other worker's distance at that worker's most recent exchange
@@ -120,11 +122,13 @@ class AsyncElasticAverager(ElasticWorker):
         on_nonfinite: NonFinitePolicy = "raise",
         timeout: timedelta | None = None,
         group: dist.ProcessGroup | None = None,
+        warmup_steps: int = 0,
+        warmup_tau: int = 1,
     ) -> None:
         # One flat vector per (device, dtype) group: the "flattened parameters" whose slices the ranks own.
         total_mb = sum(t.numel() * t.element_size() for _, t in named_tensors) / 2**20
         super().__init__(named_tensors, tau=tau, alpha=alpha, bucket_cap_mb=total_mb + 1.0, overlap=overlap,
-                         on_nonfinite=on_nonfinite, timeout=timeout)
+                         on_nonfinite=on_nonfinite, timeout=timeout, warmup_steps=warmup_steps, warmup_tau=warmup_tau)
         self.order = validate_order(order)
         segments = []
         for bucket in self.layout.buckets:

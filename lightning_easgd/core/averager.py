@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_easgd.core.center_momentum import make_center_momentum
 from lightning_easgd.core.worker import (
     ElasticWorker,
     ExchangeError,
@@ -65,6 +66,10 @@ class ElasticAverager(ElasticWorker):
             reset to the new center (see :meth:`pop_resets`).
         timeout: how long to wait for an exchange's collectives before raising :class:`ExchangeError`
             (default: wait as long as the process group's own timeout allows).
+        center_momentum, center_nesterov: momentum μ in [0, 1) on the center's updates, heavy ball or Nesterov
+            (:class:`~lightning_easgd.core.center_momentum.CenterMomentum`); μ = 0 is the paper's rule.
+        warmup_steps, warmup_tau: exchange every ``warmup_tau`` steps during the first ``warmup_steps`` steps
+            (:class:`~lightning_easgd.core.schedule.ExchangeSchedule`).
     """
 
     def __init__(
@@ -78,9 +83,14 @@ class ElasticAverager(ElasticWorker):
         overlap: bool = True,
         on_nonfinite: NonFinitePolicy = "raise",
         timeout: timedelta | None = None,
+        center_momentum: float = 0.0,
+        center_nesterov: bool = False,
+        warmup_steps: int = 0,
+        warmup_tau: int = 1,
     ) -> None:
         super().__init__(named_tensors, tau=tau, alpha=alpha, bucket_cap_mb=bucket_cap_mb, overlap=overlap,
-                         on_nonfinite=on_nonfinite, timeout=timeout)
+                         on_nonfinite=on_nonfinite, timeout=timeout, warmup_steps=warmup_steps, warmup_tau=warmup_tau)
+        self.center_momentum = make_center_momentum(self._center, center_momentum, center_nesterov)
         self.group = group
         distributed = dist.is_available() and dist.is_initialized()
         self.world_size = dist.get_world_size(group) if distributed else 1
@@ -101,8 +111,10 @@ class ElasticAverager(ElasticWorker):
 
     @property
     def buffer_bytes(self) -> int:
-        """Memory the exchange holds besides the model: the center, d_i and, with p > 1, the all-reduce's sum."""
-        unique = {id(t): t for t in (*self._center, *self._diff, *self._sum)}
+        """Memory the exchange holds besides the model: the center, d_i, with p > 1 the all-reduce's sum, and with
+        center momentum its velocity."""
+        velocity = self.center_momentum.velocity if self.center_momentum is not None else []
+        unique = {id(t): t for t in (*self._center, *self._diff, *self._sum, *velocity)}
         return sum(t.numel() * t.element_size() for t in unique.values())
 
     @contextmanager
@@ -177,7 +189,9 @@ class ElasticAverager(ElasticWorker):
                     "on_nonfinite='reset' to reset diverged workers to the center."
                 )
             with torch.no_grad():
-                if len(flagged) < p:  # flagged ranks contributed zeros, so the sum holds the finite differences
+                if len(flagged) < p and self.center_momentum is not None:
+                    self.center_momentum.apply(self._center, self._sum, self.alpha)
+                elif len(flagged) < p:  # flagged ranks contributed zeros, so the sum holds the finite differences
                     for center, total in zip(self._center, self._sum):
                         center.add_(total, alpha=self.alpha)
                 if self.rank in flagged:
