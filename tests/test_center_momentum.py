@@ -232,3 +232,154 @@ def test_resume_across_momentum_settings(tmp_path: Path, messages: Any) -> None:
              ckpt_path=str(tmp_path / "momentum" / "ckpt" / "last.ckpt"),
              strategy=EASGDStrategy(tau=2, start_method="fork"))
     assert "the checkpoint holds a center-momentum velocity, but this run has center_momentum=0" in messages()
+
+
+# ---------------------------------------------------------------------------------------------- stability
+
+
+def _iteration_matrix(beta: float, momentum: float, nesterov: bool) -> torch.Tensor:
+    """The center's linear map (e, v) -> (e', v') toward a fixed workers' mean, read off CenterMomentum itself:
+    with the mean at 0 and the center at e, Σ_i d_i = −p·e; α = β/p."""
+    p = 4
+    columns = []
+    for e, v in ((1.0, 0.0), (0.0, 1.0)):
+        momentum_rule = CenterMomentum([torch.zeros(1, dtype=torch.float64)], momentum, nesterov)
+        momentum_rule.velocity[0].fill_(v)
+        center = torch.tensor([e], dtype=torch.float64)
+        momentum_rule.apply([center], [-p * center.clone()], beta / p)
+        columns.append(torch.cat([center, momentum_rule.velocity[0]]))
+    return torch.stack(columns, dim=1)
+
+
+def _spectral_radius(beta: float, momentum: float, nesterov: bool) -> float:
+    return torch.linalg.eigvals(_iteration_matrix(beta, momentum, nesterov)).abs().max().item()
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("momentum", [0.0, 0.2, 0.5, 0.9, 0.99])
+def test_stability_bound_is_the_spectral_radius_crossing_one(momentum: float, nesterov: bool) -> None:
+    bound = center_momentum_bound(momentum, nesterov)
+    assert bound == pytest.approx(2 * (1 + momentum) / (1 + 2 * momentum) if nesterov else 2 * (1 + momentum))
+    for beta in [bound * k / 20 for k in range(1, 20)] + [bound * (1 - 1e-6)]:
+        assert _spectral_radius(beta, momentum, nesterov) < 1, f"beta={beta} inside the bound must be stable"
+        check_center_momentum(beta, momentum, nesterov)  # accepted
+    for beta in (bound * (1 + 1e-3), bound * 1.2):
+        assert _spectral_radius(beta, momentum, nesterov) > 1, f"beta={beta} outside the bound must diverge"
+        with pytest.raises(ValueError, match=rf"beta = p\*alpha = {beta:g} with center_momentum={momentum:g} "
+                                             rf".* unstable: .* 0 < beta < .* = {bound:g}"):
+            check_center_momentum(beta, momentum, nesterov)
+    with pytest.raises(ValueError, match="unstable"):
+        check_center_momentum(0.0, momentum, nesterov)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("momentum", [0.0, 0.3, 0.6, 0.9])
+def test_overshoot_warning_is_a_sign_change_every_other_exchange_or_faster(momentum: float, nesterov: bool) -> None:
+    """The warning fires exactly when the center, started at rest off the mean, changes sides more often than every
+    second exchange (the dominant eigenvalue's real part is negative)."""
+    bound = center_momentum_bound(momentum, nesterov)
+    for beta in [bound * k / 40 for k in range(1, 40)]:
+        eigenvalues = torch.linalg.eigvals(_iteration_matrix(beta, momentum, nesterov))
+        if abs(eigenvalues.real.sum().item()) < 0.05:
+            continue  # too close to the threshold to tell from a finite run
+        state = torch.tensor([1.0, 0.0], dtype=torch.float64)
+        signs = []
+        matrix = _iteration_matrix(beta, momentum, nesterov)
+        for _ in range(400):
+            state = matrix @ state
+            state = state / state.abs().max()  # only the direction matters
+            signs.append(bool(state[0] > 0))
+        rate = sum(a != b for a, b in zip(signs[100:], signs[101:])) / 299
+        warning = check_center_momentum(beta, momentum, nesterov)
+        assert (warning is not None) == (rate > 0.5), f"beta={beta:g}: sign-change rate {rate:.2f}, {warning}"
+    if momentum == 0.0:  # the paper's overshoot, beta > 1
+        assert check_center_momentum(1.01, 0.0, nesterov) and not check_center_momentum(0.99, 0.0, nesterov)
+
+
+def test_iteration_formulas_match_the_rule() -> None:
+    from lightning_easgd.core.center_momentum import center_iteration
+
+    for nesterov in (False, True):
+        for momentum, beta in ((0.5, 0.9), (0.9, 0.3), (0.2, 1.7)):
+            matrix = _iteration_matrix(beta, momentum, nesterov)
+            trace, det = center_iteration(beta, momentum, nesterov)
+            assert matrix.trace().item() == pytest.approx(trace, abs=1e-12)
+            assert torch.linalg.det(matrix).item() == pytest.approx(det, abs=1e-12)
+
+
+def test_strategy_refuses_an_unstable_center_and_warns_on_overshoot(tmp_path: Path, messages: Any) -> None:
+    dataset = make_dataset(16)
+    # Nesterov with mu = 0.9 is stable only for beta < 3.8/2.8 = 1.357; alpha = 0.75 with 2 workers is beta = 1.5.
+    with pytest.raises(Exception, match=r"beta = p\*alpha = 1.5 with center_momentum=0.9 \(Nesterov\) is unstable"):
+        fit_fork(ToyRegressor(), dataset, tmp_path / "a", p=2, epochs=1, batch_size=4,
+                 strategy=EASGDStrategy(alpha=0.75, center_momentum=0.9, center_nesterov=True, start_method="fork"))
+    messages()
+    # Heavy ball overshoots for beta > 1 + mu: beta = 1.3 warns with mu = 0.2 ...
+    fit_fork(ToyRegressor(), dataset, tmp_path / "b", p=2, epochs=1, batch_size=4,
+             strategy=EASGDStrategy(alpha=0.65, center_momentum=0.2, start_method="fork"))
+    assert "beta = p*alpha = 1.3 with center_momentum=0.2 (heavy-ball) exceeds 1 + mu = 1.2" in messages()
+    # ... and not with mu = 0.5, although the paper's rule alone (beta > 1) would.
+    fit_fork(ToyRegressor(), dataset, tmp_path / "c", p=2, epochs=1, batch_size=4,
+             strategy=EASGDStrategy(alpha=0.65, center_momentum=0.5, start_method="fork"))
+    assert "overshoot" not in messages()
+
+
+# ---------------------------------------------------------------------------------------------- the schedule
+
+
+def test_schedule_names_the_exchange_steps() -> None:
+    assert [t for t in range(20) if ExchangeSchedule(3).due(t)] == [3, 6, 9, 12, 15, 18]
+    assert [t for t in range(20) if ExchangeSchedule(3, warmup_steps=5).due(t)] == [1, 2, 3, 4, 6, 9, 12, 15, 18]
+    assert [t for t in range(20) if ExchangeSchedule(4, 10, 2).due(t)] == [2, 4, 6, 8, 12, 16]
+    assert [t for t in range(8) if ExchangeSchedule(4, 1, 1).due(t)] == [4]  # only step 0 is in the warm-up
+    for tau in (1, 3, 4):
+        for warmup_steps in (0, 1, 2, 5, 8, 12):
+            for warmup_tau in range(1, tau + 1):
+                schedule = ExchangeSchedule(tau, warmup_steps, warmup_tau)
+                count = 0
+                for t in range(40):
+                    count += schedule.due(t)
+                    assert schedule.exchange_index(t) == count, (schedule, t)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"tau": 0}, r"tau=0 is invalid"),
+        ({"tau": 4, "warmup_steps": -1}, r"warmup_steps=-1 is invalid: it must be an integer >= 0"),
+        ({"tau": 4, "warmup_steps": 2.5}, r"warmup_steps=2.5 is invalid"),
+        ({"tau": 4, "warmup_steps": True}, r"warmup_steps=True is invalid"),
+        ({"tau": 4, "warmup_steps": 10, "warmup_tau": 0}, r"warmup_tau=0 is invalid: .* integer in \[1, tau=4\]"),
+        ({"tau": 4, "warmup_steps": 10, "warmup_tau": 5}, r"warmup_tau=5 is invalid: .* \[1, tau=4\]"),
+        ({"tau": 4, "warmup_steps": 10, "warmup_tau": "1"}, r"warmup_tau='1' is invalid"),
+        ({"center_momentum": 1.0}, r"center_momentum=1.0 is invalid: it must lie in \[0, 1\)"),
+        ({"center_momentum": -0.1}, r"center_momentum=-0.1 is invalid: it must lie in \[0, 1\)"),
+        ({"center_momentum": "0.5"}, r"center_momentum='0.5' is invalid: it must be a real number in \[0, 1\)"),
+        ({"center_momentum": True}, r"center_momentum=True is invalid"),
+        ({"center_momentum": math.nan}, r"center_momentum=nan is invalid"),
+        ({"center_momentum": 0.5, "center_nesterov": "yes"}, r"center_nesterov='yes' is invalid: it must be True or"),
+    ],
+)
+def test_bad_values_are_refused(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        EASGDStrategy(**kwargs)
+    core = {k: v for k, v in kwargs.items() if k != "tau"}
+    with pytest.raises(ValueError, match=match):
+        ElasticAverager([("w", torch.zeros(3))], tau=kwargs.get("tau", 4), alpha=0.5, **core)
+
+
+def test_async_refuses_center_momentum_with_a_reason() -> None:
+    with pytest.raises(ValueError, match=r"AsyncEASGDStrategy does not accept center_momentum=0.5: the asynchronous "
+                                         r"center is updated by each worker's exchange separately"):
+        AsyncEASGDStrategy(center_momentum=0.5)
+    assert AsyncEASGDStrategy(center_momentum=0.0).center_momentum == 0.0
+
+
+def test_async_round_robin_follows_the_warmup_schedule(tmp_path: Path) -> None:
+    dataset = make_dataset(48)
+    torch.manual_seed(5)
+    fit_fork(ToyRegressor(), dataset, tmp_path, p=2, epochs=2, batch_size=4, callbacks=[VelocityRecorder(tmp_path)],
+             strategy=AsyncEASGDStrategy(tau=4, warmup_steps=5, warmup_tau=2, order="round_robin",
+                                         start_method="fork"))
+    for rank in range(2):
+        assert _velocity(tmp_path, rank) == {"steps": [2, 4, 8], "velocity": None}
