@@ -161,6 +161,50 @@ def test_zero_momentum_is_bit_identical_to_the_plain_rule() -> None:
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
+def test_core_state_dict_carries_the_velocity() -> None:
+    """state_dict/load_state_dict move v with the center (by tensor name, any bucket layout); a state without v
+    starts it at zero; a v where the averager has no momentum is refused."""
+    torch.manual_seed(4)
+    values = [torch.randn(4, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
+
+    def averager(bucket_cap_mb: float = 25.0, **kwargs: Any) -> tuple[ElasticAverager, list[torch.Tensor]]:
+        tensors = [v.clone() for v in values]
+        return ElasticAverager([("a", tensors[0]), ("b", tensors[1])], tau=1, alpha=0.4,
+                               bucket_cap_mb=bucket_cap_mb, **kwargs), tensors
+
+    def run(avg: ElasticAverager, tensors: list[torch.Tensor], steps: int, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            with avg.step():
+                for t in tensors:
+                    t.add_(torch.randn(t.shape, generator=gen, dtype=t.dtype))
+
+    first, first_tensors = averager(center_momentum=0.7)
+    run(first, first_tensors, 4, seed=0)
+    state = first.state_dict()
+    assert set(state["center_velocity"]) == {"a", "b"} and state["center_velocity"]["a"].abs().max() > 0
+    # Another bucket layout (one bucket per tensor) restores the same v by name and continues identically.
+    second, second_tensors = averager(bucket_cap_mb=1e-5, center_momentum=0.7)
+    second.load_state_dict(state)
+    second.load_local(first.local_values())
+    run(first, first_tensors, 3, seed=1)
+    run(second, second_tensors, 3, seed=1)
+    for a, b in zip(first.center_values(), second.center_values()):
+        assert torch.equal(a, b)
+    # A state without v (plain EASGD) starts v at zero.
+    plain, _ = averager()
+    fresh, _ = averager(center_momentum=0.7)
+    fresh.load_state_dict(state)
+    fresh.load_state_dict(plain.state_dict())
+    assert all(not v.any() for v in fresh.center_velocity().values())
+    with pytest.raises(ValueError, match="the state holds a center velocity, but this averager has no center "
+                                         "momentum"):
+        plain.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"center velocity state: tensor 'b' has shape \(4,\), expected \(5,\)"):
+        fresh.load_state_dict({**state, "center_velocity": {"a": values[0], "b": torch.zeros(4)}})
+
+
+
 def _checkpointing(tmp_path: Path) -> ModelCheckpoint:
     return ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", save_top_k=-1, save_last=True)
 
