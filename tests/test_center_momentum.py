@@ -158,6 +158,20 @@ def test_zero_momentum_is_bit_identical_to_the_plain_rule() -> None:
     assert not torch.equal(runs["plain"][1][0], runs["momentum"][1][0])  # the comparison can tell them apart
 
 
+def test_zero_momentum_strategy_run_is_bit_identical(tmp_path: Path) -> None:
+    dataset = make_dataset(48)
+    runs = []
+    for name, kwargs in (("plain", {}), ("zero", {"center_momentum": 0.0, "center_nesterov": True})):
+        module, _ = twins(ToyRegressor, 6, lr=0.1, momentum=0.9, nesterov=True)
+        _, records = fit_fork(module, dataset, tmp_path / name, p=2, epochs=1, batch_size=4,
+                              strategy=EASGDStrategy(tau=2, start_method="fork", **kwargs))
+        runs.append(records)
+    for plain, zero in zip(*runs):
+        for key in ("local", "center"):
+            for name, value in plain[key].items():
+                assert torch.equal(value, zero[key][name]), f"{key} {name}"
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 

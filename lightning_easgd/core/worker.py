@@ -98,6 +98,7 @@ class ElasticWorker:
                 raise ValueError(f"tensor {name!r} has dtype {t.dtype}: only floating-point tensors can be averaged")
         self.tensors: list[Tensor] = [t for _, t in named_tensors]
         self.schedule = ExchangeSchedule(tau, warmup_steps, warmup_tau)
+        """Which optimizer steps start with an exchange: a function of :attr:`clock` alone."""
         self.tau = self.schedule.tau
         self.alpha = validate_alpha(alpha)
         if not isinstance(overlap, bool):
