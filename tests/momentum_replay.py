@@ -8,6 +8,8 @@ the center updated from the plain increment s = α·Σ_i d_i through a velocity 
     Nesterov:    v ← μ·v + s;   x̃ ← x̃ + μ·v + s
 
 Which steps start with an exchange is the caller's predicate, so the schedule under test is written out separately.
+A worker whose d_i is not finite is left out of the sum and restarts from the new center with no optimizer state
+(``on_nonfinite="reset"``).
 """
 
 from __future__ import annotations
@@ -53,19 +55,29 @@ def replay_center_momentum(
         per_rank = [rank_batches(dataset, p, r, epoch, batch_size, seed) for r in range(p)]
         for i in range(len(per_rank[0])):
             exchange = due(t)
+            for r, w in enumerate(workers):
+                w.replay_position = (r, t)  # read by NaNLossRegressor
             with torch.no_grad():
                 diffs = [{k: s[k] - center[k] for k in floats} for s in states] if exchange else []
             for r, w in enumerate(workers):
                 for step in w.replay_steps([per_rank[r][i]]):
                     step()
             if exchange:
+                bad = [not all(d[k].isfinite().all() for k in floats) for d in diffs]
                 with torch.no_grad():
                     for k in floats:
-                        s_k = alpha * sum(d[k] for d in diffs)
+                        s_k = alpha * sum(d[k] for d, b in zip(diffs, bad) if not b)
                         velocity[k] = momentum * velocity[k] + s_k
                         center[k] += momentum * velocity[k] + s_k if nesterov else velocity[k]
-                        for s, d in zip(states, diffs):
-                            s[k] -= alpha * d[k]
+                        for s, d, b in zip(states, diffs, bad):
+                            if b:
+                                s[k].copy_(center[k])
+                            else:
+                                s[k] -= alpha * d[k]
+                for w, b in zip(workers, bad):
+                    if b:
+                        for opt in w._replay_optimizers:
+                            opt.state.clear()
                 result.exchange_steps.append(t)
             t += 1
         result.epoch_centers.append({k: v.clone() for k, v in center.items()})

@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from momentum_replay import replay_center_momentum
-from toy import ToyRegressor, count_collectives, make_dataset, twins
+from toy import NaNLossRegressor, ToyRegressor, count_collectives, make_dataset, twins
 
 from lightning_easgd import AsyncEASGDStrategy, EASGDStrategy, ElasticDistanceMonitor
 from lightning_easgd.core import ElasticAverager, ExchangeSchedule
@@ -132,6 +132,24 @@ def test_warmup_schedule_matches_replay_and_monitor(tmp_path: Path, monkeypatch:
     with open(tmp_path / "logs" / "version_0" / "metrics.csv") as f:
         logged = sorted({int(row["step"]) for row in csv.DictReader(f) if row.get("easgd/distance_mean")})
     assert logged == steps[1::2]  # exchanges number 2, 4, 6
+
+
+def test_reset_policy_with_momentum(tmp_path: Path, messages: Any) -> None:
+    """A diverged worker's difference stays out of s (so out of v); it restarts from the new center."""
+    module, init = twins(NaNLossRegressor, 40, nan_rank=1, nan_step=3, momentum=0.9)
+    dataset = make_dataset(48)
+    _, records = fit_fork(module, dataset, tmp_path, p=2, epochs=1, batch_size=4,
+                          callbacks=[VelocityRecorder(tmp_path)],
+                          strategy=EASGDStrategy(tau=2, on_nonfinite="reset", center_momentum=0.5,
+                                                 center_nesterov=True, start_method="fork"))
+    assert "worker(s) 1 had non-finite weights at optimizer step 4" in messages()
+    expected = replay_center_momentum(init, dataset, p=2, alpha=0.45, momentum=0.5, nesterov=True,
+                                      due=lambda t: t > 0 and t % 2 == 0, epochs=1, batch_size=4, seed=SEED)
+    for rank, rec in enumerate(records):
+        assert all(v.isfinite().all() for v in rec["local"].values())
+        assert_close(rec["local"], expected.workers[rank], ATOL, f"worker {rank}")
+        assert_close(rec["center"], expected.center, ATOL, "center")
+        assert_close(_velocity(tmp_path, rank)["velocity"], expected.velocity, ATOL, "velocity")
 
 
 # ---------------------------------------------------------------------------------------------- μ = 0 is the paper
