@@ -67,14 +67,21 @@ class AsyncEASGDStrategy(EASGDStrategy):
             per process, so choose it when each rank has a spare core (typical GPU nodes). See docs/async.md.
         bucket_cap_mb: size of the buffers of the initial broadcast of rank 0's weights (exchanges send one
             message per owner).
-        save_worker_states, accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
-        process_group_backend, start_method: as for :class:`~lightning_easgd.EASGDStrategy`.
+        warmup_steps, warmup_tau, save_worker_states, accelerator, parallel_devices, cluster_environment,
+        checkpoint_io, precision_plugin, process_group_backend, start_method: as for
+        :class:`~lightning_easgd.EASGDStrategy` (the warm-up applies to each worker's own clock).
 
     At setup a warning is given when the learning rate η and α lie outside the paper's round-robin stability region
     0 ≤ η ≤ 2, 0 ≤ α ≤ (4 − 2η)/(4 − η) (a quadratic with normalized curvature; exact only for that case).
 
     Raises:
-        ValueError: for an invalid ``order`` or ``rpc_transport``, and everything :class:`EASGDStrategy` refuses.
+        ValueError: for an invalid ``order`` or ``rpc_transport``, for ``center_momentum`` > 0 (see below), and
+            everything :class:`EASGDStrategy` refuses.
+
+    Center momentum is not supported: here the center is updated by each worker's exchange separately, on the ranks
+    that own its slices, so there is no single increment s = α·Σ_i d_i per round for a velocity to accumulate; a
+    velocity per update would multiply every worker's pull by 1/(1 − μ) and change the method's stability, which
+    the paper's asynchronous analysis does not cover.
     """
 
     strategy_name = "easgd_async"
@@ -109,6 +116,12 @@ class AsyncEASGDStrategy(EASGDStrategy):
             precision_plugin=precision_plugin, process_group_backend=process_group_backend, timeout=timeout,
             start_method=start_method, **kwargs,
         )
+        if self.center_momentum:
+            raise ValueError(
+                f"AsyncEASGDStrategy does not accept center_momentum={self.center_momentum!r}: the asynchronous center "
+                "is updated by each worker's exchange separately on the ranks that own its slices, with no per-round "
+                "increment for a velocity to accumulate; use EASGDStrategy for center momentum"
+            )
         self._interrupted = False
 
     @property
@@ -128,7 +141,8 @@ class AsyncEASGDStrategy(EASGDStrategy):
         self._interrupted = False
         return AsyncElasticAverager(elastic, tau=self.tau, alpha=alpha, order=self.order, overlap=self.overlap,
                                     on_nonfinite=self.on_nonfinite, timeout=self._timeout,
-                                    rpc_transport=self.rpc_transport)
+                                    rpc_transport=self.rpc_transport, warmup_steps=self.warmup_steps,
+                                    warmup_tau=self.warmup_tau)
 
     @override
     def on_exception(self, exception: BaseException) -> None:

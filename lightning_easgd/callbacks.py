@@ -39,7 +39,7 @@ class ElasticDistanceMonitor(Callback):
     Args:
         per_layer: also log the distance of every parameter and buffer tensor.
         per_rank: also log every worker's own distance (named ``rank{i}`` for worker i).
-        log_every_n_exchanges: log exchanges k = t/τ with k % n == 0.
+        log_every_n_exchanges: log the exchanges k = 1, 2, ... (k = t/τ without a warm-up) with k % n == 0.
     """
 
     def __init__(self, per_layer: bool = False, per_rank: bool = False, log_every_n_exchanges: int = 1) -> None:
@@ -78,7 +78,7 @@ class ElasticDistanceMonitor(Callback):
         averager = self._strategy(trainer).averager
         assert averager is not None
         for stats in averager.pop_stats():
-            if (stats.step // averager.tau) % self.log_every_n_exchanges:
+            if averager.schedule.exchange_index(stats.step) % self.log_every_n_exchanges:
                 continue
             self.last_metrics = self._metrics(stats, averager.names)
             for logger in trainer.loggers:

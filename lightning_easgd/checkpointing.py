@@ -154,6 +154,9 @@ class WorkerCheckpoints:
             "alpha": averager.alpha,
             "clock": averager.clock,
         }
+        velocity = averager.center_velocity()  # collective within a worker group, like the center
+        if velocity is not None:  # identical on every rank, like the center: it travels in the checkpoint file
+            section["center_velocity"] = {k: _to_cpu(v) if strategy.is_global_zero else v for k, v in velocity.items()}
         if strategy.save_worker_states:
             # One id for all ranks: a fresh directory per save, so the files of the save being replaced stay intact
             # until the new checkpoint file is in place.
@@ -270,7 +273,18 @@ class WorkerCheckpoints:
         loaded, self._loaded = self._loaded, None
         self._pending = None
         if fitting and loaded is not None:
+            self._resume_center_velocity(loaded[1].get("center_velocity"))
             self._resume(*loaded)
+
+    def _resume_center_velocity(self, velocity: Mapping[str, Tensor] | None) -> None:
+        """Restore the center momentum's velocity (zero from a checkpoint without one), or say that it is dropped."""
+        averager = self._strategy.averager
+        assert averager is not None
+        if velocity is not None and averager.center_momentum is None:
+            rank_zero_warn("EASGD resume: the checkpoint holds a center-momentum velocity, but this run has "
+                           "center_momentum=0: the velocity is dropped and the paper's rule is used.")
+            return
+        averager.load_center_velocity(velocity)
 
     def _resume(self, path: str, section: dict[str, Any]) -> None:
         strategy = self._strategy

@@ -46,7 +46,13 @@ from lightning_easgd.checkpointing import WorkerCheckpoints
 from lightning_easgd.core import DEFAULT_BETA, ElasticAverager, broadcast_tensors, resolve_alpha
 from lightning_easgd.core.averager import validate_center_device, validate_exchange_dtype
 from lightning_easgd.core.buckets import check_device
-from lightning_easgd.core.hyperparams import validate_alpha, validate_beta, validate_tau
+from lightning_easgd.core.center_momentum import (
+    check_center_momentum,
+    validate_center_momentum,
+    validate_center_nesterov,
+)
+from lightning_easgd.core.hyperparams import validate_alpha, validate_beta
+from lightning_easgd.core.schedule import ExchangeSchedule
 from lightning_easgd.core.topology import WorkerTopology, validate_ranks_per_worker, worker_topology
 from lightning_easgd.core.worker import ElasticWorker, NonFinitePolicy
 from lightning_easgd.guards import PerStepSyncGuard, refuse_weight_averaging
@@ -123,6 +129,16 @@ class EASGDStrategy(DDPStrategy):
             :class:`~lightning_easgd.core.NonFiniteWorkerError` naming the workers and the step, so the run stops
             with the last good checkpoint intact. ``"reset"``: the diverged workers' contributions are dropped,
             they restart from the center with empty optimizer state, and a warning names them.
+        center_momentum: momentum μ in [0, 1) on the center's updates (beyond the paper; see
+            docs/center_momentum.md): with s = α·Σ_i d_i, heavy ball ``v ← μ·v + s; x̃ ← x̃ + v``. The workers'
+            pull is unchanged; v is identical on every rank and travels in checkpoints. 0 (default): the paper's
+            rule, bit for bit. Refused where the center's iteration diverges (β ≥ 2·(1 + μ), Nesterov
+            β ≥ 2·(1 + μ)/(1 + 2μ)), warned where it overshoots the workers' mean at nearly every exchange.
+        center_nesterov: use the Nesterov form ``v ← μ·v + s; x̃ ← x̃ + μ·v + s`` instead.
+        warmup_steps: exchange every ``warmup_tau`` optimizer steps while the clock is below ``warmup_steps``, and
+            every ``tau`` steps afterwards (on the multiples of tau, as without a warm-up). 0 (default): no warm-up.
+            The schedule depends only on the clock, so resuming keeps it exact.
+        warmup_tau: the communication period during the warm-up, in [1, tau].
         timeout: how long collectives, the exchange included, may wait for a peer before failing with an error
             (a dead or stalled worker then stops the run instead of hanging it). Default: 30 minutes. With gloo the
             exchange raises :class:`~lightning_easgd.core.ExchangeError` after it; with NCCL it is the process
@@ -159,6 +175,10 @@ class EASGDStrategy(DDPStrategy):
         ranks_per_worker: int | Literal["node"] = 1,
         center_device: str | None = None,
         exchange_dtype: str | torch.dtype | None = None,
+        center_momentum: float = 0.0,
+        center_nesterov: bool = False,
+        warmup_steps: int = 0,
+        warmup_tau: int = 1,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -170,7 +190,10 @@ class EASGDStrategy(DDPStrategy):
         **kwargs: Any,
     ) -> None:
         self._worker_ddp_kwargs = _worker_ddp_options(kwargs, grouped=ranks_per_worker != 1)
-        self.tau = validate_tau(tau)
+        schedule = ExchangeSchedule(tau, warmup_steps, warmup_tau)  # validates all three
+        self.tau, self.warmup_steps, self.warmup_tau = schedule.tau, schedule.warmup_steps, schedule.warmup_tau
+        self.center_momentum = validate_center_momentum(center_momentum)
+        self.center_nesterov = validate_center_nesterov(center_nesterov)
         self._alpha = None if alpha is None else validate_alpha(alpha)
         self.beta = validate_beta(beta)
         if overlap is not None and not isinstance(overlap, bool):
@@ -368,6 +391,8 @@ class EASGDStrategy(DDPStrategy):
                 "stalled peer then hangs the exchange instead of ending the run after `timeout`; unset it."
             )
         alpha, warning = resolve_alpha(self._alpha, self.beta, p)
+        if self.center_momentum:  # momentum moves the overshoot threshold (and the divergence bound)
+            warning = check_center_momentum(p * alpha, self.center_momentum, self.center_nesterov)
         if warning:
             rank_zero_warn(warning)
         state = module.state_dict(keep_vars=True)
@@ -398,6 +423,8 @@ class EASGDStrategy(DDPStrategy):
                                on_nonfinite=self.on_nonfinite, timeout=self._timeout,
                                worker_group=topology.worker_group, center_device=self.center_device,
                                exchange_dtype=self.exchange_dtype,
+                               center_momentum=self.center_momentum, center_nesterov=self.center_nesterov,
+                               warmup_steps=self.warmup_steps, warmup_tau=self.warmup_tau,
                                follow_first_rank=self._followers if topology.worker_group is not None else ())
 
     @override

@@ -1,20 +1,24 @@
 """The framework-free EASGD core: pure torch and torch.distributed, no Lightning.
 
-Adapters (the Lightning strategy, a future Fabric one) only decide *when* to call into it: which tensors take part,
+Adapters (the Lightning strategies and the Fabric strategy) only decide *when* to call into it: which tensors take part,
 when an optimizer step happens, when evaluation starts and ends, and what goes into a checkpoint.
 """
 
 from lightning_easgd.core.averager import ElasticAverager
 from lightning_easgd.core.buckets import FlatLayout, ShardLayout, broadcast_tensors, check_device
+from lightning_easgd.core.center_momentum import CenterMomentum
 from lightning_easgd.core.hyperparams import DEFAULT_BETA, resolve_alpha, validate_alpha, validate_beta, validate_tau
+from lightning_easgd.core.schedule import ExchangeSchedule
 from lightning_easgd.core.topology import WorkerTopology, worker_topology
 from lightning_easgd.core.worker import ElasticWorker, ExchangeError, ExchangeStats, NonFiniteWorkerError
 
 __all__ = [
     "DEFAULT_BETA",
+    "CenterMomentum",
     "ElasticAverager",
     "ElasticWorker",
     "ExchangeError",
+    "ExchangeSchedule",
     "ExchangeStats",
     "FlatLayout",
     "NonFiniteWorkerError",

@@ -97,6 +97,8 @@ class AsyncElasticAverager(ElasticWorker):
         group: process group of the workers (default: the world).
         rpc_transport: ``"tcp"`` (default) or ``"fast"``: which TensorPipe transports carry the slices (see
             :class:`~lightning_easgd.core.center_service.CenterService`).
+        warmup_steps, warmup_tau: exchange every ``warmup_tau`` of this worker's steps during its first
+            ``warmup_steps`` steps (:class:`~lightning_easgd.core.schedule.ExchangeSchedule`).
 
     On CUDA the slices go to the host and the replies back on a side stream through pinned buffers: an exchange
     waits on the host only for the copy of x (and the work queued before it), never for the device as a whole.
@@ -130,11 +132,13 @@ class AsyncElasticAverager(ElasticWorker):
         timeout: timedelta | None = None,
         group: dist.ProcessGroup | None = None,
         rpc_transport: str = "tcp",
+        warmup_steps: int = 0,
+        warmup_tau: int = 1,
     ) -> None:
         # One flat vector per (device, dtype) group: the "flattened parameters" whose slices the ranks own.
         total_mb = sum(t.numel() * t.element_size() for _, t in named_tensors) / 2**20
         super().__init__(named_tensors, tau=tau, alpha=alpha, bucket_cap_mb=total_mb + 1.0, overlap=overlap,
-                         on_nonfinite=on_nonfinite, timeout=timeout)
+                         on_nonfinite=on_nonfinite, timeout=timeout, warmup_steps=warmup_steps, warmup_tau=warmup_tau)
         self.order = validate_order(order)
         validate_transport(rpc_transport)
         segments = []

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_easgd.core.buckets import ShardLayout, broadcast_tensors
+from lightning_easgd.core.center_momentum import make_center_momentum
 from lightning_easgd.core.worker import (
     ElasticWorker,
     ExchangeError,
@@ -130,6 +131,11 @@ class ElasticAverager(ElasticWorker):
             buffers, which every rank updates from its own batch and DDP overwrites with the worker's first rank's
             at each forward): before an exchange or evaluation they are broadcast from the worker's first rank.
 
+        center_momentum, center_nesterov: momentum μ in [0, 1) on the center's updates, heavy ball or Nesterov
+            (:class:`~lightning_easgd.core.center_momentum.CenterMomentum`); μ = 0 is the paper's rule.
+        warmup_steps, warmup_tau: exchange every ``warmup_tau`` steps during the first ``warmup_steps`` steps
+            (:class:`~lightning_easgd.core.schedule.ExchangeSchedule`).
+
     Memory on each rank besides the model, with k ranks per worker: the center slice, the d_i slice and (with more
     than one worker) the reduction slice, ⌈n/k⌉ elements each per bucket of n (float32 for 16-bit tensors), plus
     with k > 1 one bucket to gather a full bucket into, plus with ``center_device`` one slice-sized device buffer
@@ -151,6 +157,10 @@ class ElasticAverager(ElasticWorker):
         center_device: str | torch.device | None = None,
         exchange_dtype: str | torch.dtype | None = None,
         follow_first_rank: Sequence[str] = (),
+        center_momentum: float = 0.0,
+        center_nesterov: bool = False,
+        warmup_steps: int = 0,
+        warmup_tau: int = 1,
     ) -> None:
         self._host = validate_center_device(center_device)
         if overlap is None:
@@ -175,7 +185,9 @@ class ElasticAverager(ElasticWorker):
         self._nccl = distributed and dist.get_backend(group) == "nccl"
         self._follow_names = tuple(follow_first_rank)
         super().__init__(named_tensors, tau=tau, alpha=alpha, bucket_cap_mb=bucket_cap_mb, overlap=overlap,
-                         on_nonfinite=on_nonfinite, timeout=timeout)
+                         on_nonfinite=on_nonfinite, timeout=timeout, warmup_steps=warmup_steps, warmup_tau=warmup_tau)
+        # The velocity has the center's shape: with worker groups, this rank's slice of it.
+        self.center_momentum = make_center_momentum(self._center, center_momentum, center_nesterov)
         unknown = set(self._follow_names) - set(self.names)
         if unknown:
             raise ValueError(f"follow_first_rank names tensors that are not averaged: {sorted(unknown)}")
@@ -239,7 +251,8 @@ class ElasticAverager(ElasticWorker):
 
     def _slice_bytes(self) -> int:
         """Bytes of the persistent slices (center, d_i, sum), in host memory with ``center_device="cpu"``."""
-        unique = {id(t): t for t in (*self._center, *self._diff, *self._sum)}
+        velocity = self.center_momentum.velocity if self.center_momentum is not None else []
+        unique = {id(t): t for t in (*self._center, *self._diff, *self._sum, *velocity)}
         return sum(t.numel() * t.element_size() for t in unique.values())
 
     # ------------------------------------------------------------------ the exchange
@@ -349,7 +362,9 @@ class ElasticAverager(ElasticWorker):
                     "on_nonfinite='reset' to reset diverged workers to the center."
                 )
             with torch.no_grad():
-                if len(flagged) < p:  # flagged workers contributed zeros, so the sum holds the finite differences
+                if len(flagged) < p and self.center_momentum is not None:
+                    self.center_momentum.apply(self._center, self._sum, self.alpha)
+                elif len(flagged) < p:  # flagged workers contributed zeros, so the sum holds the finite differences
                     for center, total in zip(self._center, self._sum):
                         center.add_(total, alpha=self.alpha)
                 if self.rank in flagged:
@@ -459,9 +474,7 @@ class ElasticAverager(ElasticWorker):
         full copy: every rank of the worker must call it (Lightning calls
         :meth:`~lightning_easgd.EASGDStrategy.lightning_module_state_dict` on every rank when it saves).
         """
-        if self.ranks_per_worker == 1:
-            return self.layout.views(self._center)
-        return self._gathered(self._center)
+        return self._full_values(self._center)
 
     def local_values(self) -> list[Tensor]:
         """This worker's own values, one per tensor, also while the center is swapped in (then a collective within
@@ -484,7 +497,17 @@ class ElasticAverager(ElasticWorker):
     def _store_center(self, values: list[Tensor]) -> None:
         """Keep this rank's slice of the full center ``values``."""
         with torch.no_grad():
-            torch._foreach_copy_(self._center_seg, self._shard.value_views(values))
+            self._store_values(self._center, values)
+
+    def _full_values(self, flats: list[Tensor]) -> list[Tensor]:
+        """Views of whole buffers with one rank per worker; with worker groups a fresh full copy gathered from the
+        worker's slices (collective within the worker group)."""
+        if self.ranks_per_worker == 1:
+            return self.layout.views(flats)
+        return self._gathered(flats)
+
+    def _store_values(self, flats: list[Tensor], values: list[Tensor]) -> None:
+        torch._foreach_copy_(self._shard.views(flats), self._shard.value_views(values))
 
     def _gathered(self, slices: list[Tensor]) -> list[Tensor]:
         """A fresh full copy of the worker's ``slices``, per tensor, on the slices' device (collective)."""

@@ -17,7 +17,9 @@ import torch
 from torch import Tensor
 
 from lightning_easgd.core.buckets import FlatLayout
-from lightning_easgd.core.hyperparams import validate_alpha, validate_tau
+from lightning_easgd.core.center_momentum import CenterMomentum
+from lightning_easgd.core.hyperparams import validate_alpha
+from lightning_easgd.core.schedule import ExchangeSchedule
 
 NonFinitePolicy = Literal["raise", "reset"]
 
@@ -73,6 +75,8 @@ class ElasticWorker:
         overlap: run the exchange's communication during the local step (True) or before it.
         on_nonfinite: ``"raise"`` or ``"reset"``: what to do with a worker whose weights turned NaN or inf.
         timeout: how long to wait for the exchange's communication before raising.
+        warmup_steps, warmup_tau: exchange every ``warmup_tau`` steps during the first ``warmup_steps`` steps
+            (:class:`~lightning_easgd.core.schedule.ExchangeSchedule`).
     """
 
     def __init__(
@@ -85,6 +89,8 @@ class ElasticWorker:
         overlap: bool,
         on_nonfinite: NonFinitePolicy,
         timeout: timedelta | None,
+        warmup_steps: int = 0,
+        warmup_tau: int = 1,
     ) -> None:
         if not named_tensors:
             raise ValueError("named_tensors is empty: EASGD needs at least one tensor to average")
@@ -95,7 +101,9 @@ class ElasticWorker:
             if not t.is_floating_point():
                 raise ValueError(f"tensor {name!r} has dtype {t.dtype}: only floating-point tensors can be averaged")
         self.tensors: list[Tensor] = [t for _, t in named_tensors]
-        self.tau = validate_tau(tau)
+        self.schedule = ExchangeSchedule(tau, warmup_steps, warmup_tau)
+        """Which optimizer steps start with an exchange: a function of :attr:`clock` alone."""
+        self.tau = self.schedule.tau
         self.alpha = validate_alpha(alpha)
         if not isinstance(overlap, bool):
             raise ValueError(f"overlap={overlap!r} is invalid: it must be True or False")
@@ -117,6 +125,8 @@ class ElasticWorker:
         self._track: bool | None = None  # None: no statistics; False: totals; True: totals and per tensor
         self._stats: list[ExchangeStats] = []
         self._resets: list[tuple[int, tuple[int, ...]]] = []
+        self.center_momentum: CenterMomentum | None = None
+        """Momentum on the center's updates, where the exchange algorithm supports it (None: the paper's rule)."""
 
     def _init_center(self) -> None:
         """Allocate this worker's copy of the center and start it at the tensors' values (all ranks agree on them).
@@ -128,8 +138,8 @@ class ElasticWorker:
 
     @property
     def exchange_due(self) -> bool:
-        """Whether the next optimizer step starts with an exchange."""
-        return self.clock > 0 and self.clock % self.tau == 0
+        """Whether the next optimizer step starts with an exchange (as :attr:`schedule` says for the clock)."""
+        return self.schedule.due(self.clock)
 
     def _check_can_step(self) -> None:
         """Refuse a step nested in another one, or taken while the center's values are swapped into the tensors."""
@@ -224,11 +234,16 @@ class ElasticWorker:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, object]:
-        """The center (by name, cloned) and the clock: what a resumed run needs besides the workers' own state."""
-        return {
+        """The center (by name, cloned), its velocity with center momentum, and the clock: what a resumed run needs
+        besides the workers' own state."""
+        state: dict[str, object] = {
             "clock": self.clock,
             "center": {name: value.detach().clone() for name, value in zip(self.names, self.center_values())},
         }
+        velocity = self.center_velocity()
+        if velocity is not None:
+            state["center_velocity"] = {name: value.detach().clone() for name, value in velocity.items()}
+        return state
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         """Restore :meth:`state_dict`'s output; every rank must load the same state to keep the center whole."""
@@ -243,6 +258,39 @@ class ElasticWorker:
             raise ValueError(f"clock={clock!r} is invalid: it must be an integer >= 0")
         self._store_center(values)
         self.clock = clock
+        self.load_center_velocity(state.get("center_velocity"))  # type: ignore[arg-type]
+
+    def center_velocity(self) -> dict[str, Tensor] | None:
+        """The center momentum's velocity v by tensor name (views: clone to keep), or None without center momentum."""
+        if self.center_momentum is None:
+            return None
+        return dict(zip(self.names, self._full_values(self.center_momentum.velocity)))
+
+    def load_center_velocity(self, velocity: Mapping[str, Tensor] | None) -> None:
+        """Restore :meth:`center_velocity`'s output on every rank; None (a state saved without center momentum)
+        starts v at zero."""
+        if self.center_momentum is None:
+            if velocity is not None:
+                raise ValueError("the state holds a center velocity, but this averager has no center momentum")
+            return
+        if velocity is None:
+            self.center_momentum.reset()
+            return
+        if not isinstance(velocity, Mapping) or set(velocity) != set(self.names):
+            got = sorted(velocity) if isinstance(velocity, Mapping) else type(velocity).__name__
+            raise ValueError(f"center velocity state has tensors {got}, expected {sorted(self.names)}")
+        values = [velocity[name] for name in self.names]
+        self._check_values(values, "center velocity state")
+        with torch.no_grad():
+            self._store_values(self.center_momentum.velocity, values)
+
+    def _full_values(self, flats: list[Tensor]) -> list[Tensor]:
+        """Per-tensor values of center-shaped flat buffers (the center, its velocity); views where they are whole."""
+        return self.layout.views(flats)
+
+    def _store_values(self, flats: list[Tensor], values: list[Tensor]) -> None:
+        """Copy full per-tensor ``values`` into center-shaped flat buffers (this rank's part of them)."""
+        torch._foreach_copy_(self.layout.views(flats), values)
 
     def _store_center(self, values: list[Tensor]) -> None:
         """Overwrite the center with ``values`` (already checked)."""
