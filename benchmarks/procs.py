@@ -57,10 +57,10 @@ def launch_env(hosts: list[Host], port: int, processes: int) -> dict[str, str]:
             "WORLD_SIZE": str(processes)}
 
 
-def node_env(rank: int, host: Host) -> dict[str, str]:
-    """What one worker needs on top of :func:`launch_env`: its node rank, and its own interface for gloo and
-    TensorPipe (they would otherwise pick the address the hostname resolves to: the loopback)."""
-    return {"NODE_RANK": str(rank), "LOCAL_RANK": "0", "GLOO_SOCKET_IFNAME": host.interface,
+def node_env(node_rank: int, host: Host, local_rank: int = 0) -> dict[str, str]:
+    """What one worker needs on top of :func:`launch_env`: its node and local rank, and its own interface for gloo
+    and TensorPipe (they would otherwise pick the address the hostname resolves to: the loopback)."""
+    return {"NODE_RANK": str(node_rank), "LOCAL_RANK": str(local_rank), "GLOO_SOCKET_IFNAME": host.interface,
             "TP_SOCKET_IFNAME": host.interface}
 
 

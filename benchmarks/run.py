@@ -4,12 +4,15 @@
     python -m benchmarks.run --suite accuracy    # CIFAR-10, p = 4: center test error against wall clock
     python -m benchmarks.run --suite overhead    # one process: EASGD's own cost against plain Lightning
 
-``comm``: every worker runs in its own network namespace behind a link shaped with ``tc`` (tbf) to each
-``--rates`` value (Mbit/s; 0 = unshaped), launched like Lightning's multi-node jobs (one process per "node",
-NODE_RANK/WORLD_SIZE/MASTER_ADDR). Per method: throughput, its ratio to p independent workers that never
-communicate, and the bytes each worker's interface sent per optimizer step (counted from the interface's own
-counter). Methods: none, ddp (gradient all-reduce every step), average:τ (local SGD, periodic averaging), easgd:τ,
-and with ``--with-async`` easgd_async:τ. Writes ``comm.csv`` and ``comm.png`` under ``--out``.
+``comm``: every "node" runs in its own network namespace behind links shaped with ``tc`` (tbf) to each
+``--rates`` value (Mbit/s; 0 = unshaped), launched like Lightning's multi-node jobs (NODE_RANK/LOCAL_RANK/
+WORLD_SIZE/MASTER_ADDR). With ``--ranks-per-node N`` (default 1) each node runs N processes, each with its own NIC
+(rank j of every node on rail j, as multi-NIC GPU nodes have) and the node's loopback between them. Per method:
+throughput, its ratio to the same processes training alone without communicating, and the bytes each process's
+NIC sent per optimizer step (counted from the interface's own counter: inter-node traffic only). Methods: none,
+ddp (gradient all-reduce every step), average:τ (local SGD, periodic averaging), easgd:τ (one EASGD worker per
+process), with N > 1 easgd_node:τ (one worker per node: ``ranks_per_worker="node"``), and with ``--with-async``
+easgd_async:τ. Writes ``comm.csv`` and ``comm.png`` under ``--out``.
 
 ``accuracy``: each method of ``--methods`` trained by the CIFAR-10 recipe on the real data, its workers in the same
 private network; the center's test error after ``--epochs`` and at a wall-clock budget, the bytes each worker sent,
@@ -37,16 +40,21 @@ from benchmarks import accuracy
 from benchmarks.procs import check_run_arguments, launch_env, node_env, run_all, write_csv
 
 
-def _worker_command(method: str, args: argparse.Namespace, result: Path, interface: str, nodes: int) -> list[str]:
+def _worker_command(method: str, args: argparse.Namespace, result: Path, interface: str, nodes: int,
+                    devices: int = 1) -> list[str]:
     return [sys.executable, "-m", "benchmarks.run", "--one", method, "--steps", str(args.steps), "--warmup",
-            str(args.warmup), "--batch-size", str(args.batch_size), "--nodes", str(nodes), "--interface",
-            interface, "--result", str(result)]
+            str(args.warmup), "--batch-size", str(args.batch_size), "--nodes", str(nodes), "--devices", str(devices),
+            "--interface", interface, "--result", str(result)]
 
 
 def _comm(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from benchmarks.netlab import private_network
+    from benchmarks.netlab import private_cluster
 
+    per_node = args.ranks_per_node
+    nodes = args.processes // per_node
     methods = ["none", "ddp", *[f"average:{t}" for t in args.taus], *[f"easgd:{t}" for t in args.taus]]
+    if per_node > 1:
+        methods += [f"easgd_node:{t}" for t in args.taus]
     if args.with_async:
         methods += [f"easgd_async:{t}" for t in args.taus]
     tmp = args.out / "comm_runs"
@@ -54,17 +62,20 @@ def _comm(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     port = 29600
     for rate in args.rates:
-        with private_network(args.processes, rate or None) as hosts:
+        with private_cluster(nodes, per_node, rate or None) as cluster:
+            hosts = [nic for node in cluster for nic in node]  # global rank order: node-major
             for round_ in range(args.rounds):
                 for method in methods if round_ % 2 == 0 else methods[::-1]:
                     port += 1
                     commands, results = [], []
                     for rank, host in enumerate(hosts):
                         result = tmp / f"{rate}_{method.replace(':', '_')}_{round_}_{rank}.json"
-                        nodes = 1 if method == "none" else args.processes
-                        rank_env = {} if method == "none" else node_env(rank, host)
-                        commands.append(host.command(_worker_command(method, args, result, host.interface, nodes),
-                                                     rank_env))
+                        if method == "none":  # every process alone: one node, one device, no peers
+                            argv, rank_env = _worker_command(method, args, result, host.interface, 1), {}
+                        else:
+                            argv = _worker_command(method, args, result, host.interface, nodes, per_node)
+                            rank_env = node_env(rank // per_node, host, rank % per_node)
+                        commands.append(host.command(argv, rank_env))
                         results.append(result)
                     run_all(commands, launch_env(hosts, port, args.processes), args.timeout)
                     runs = [json.loads(r.read_text()) for r in results]
@@ -100,11 +111,12 @@ def _median_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    title = (f"{args.processes} workers, one per network namespace, paper CIFAR-10 net ({rows[0]['parameters']:,} "
-             f"parameters), batch {args.batch_size}, {args.steps} timed steps after {args.warmup}, median of "
-             f"{args.rounds} rounds")
+    layout = (f"{args.processes} workers, one per network namespace" if args.ranks_per_node == 1 else
+              f"{args.processes // args.ranks_per_node} nodes x {args.ranks_per_node} processes, one NIC each")
+    title = (f"{layout}, paper CIFAR-10 net ({rows[0]['parameters']:,} parameters), batch {args.batch_size}, "
+             f"{args.steps} timed steps after {args.warmup}, median of {args.rounds} rounds")
     header = (f"{'link':>9} {'method':<15} {'ms/step':>8} {'img/s/worker':>12} {'vs none':>8} "
-              f"{'wire B/step/worker':>19} {'DDP/this bytes':>15}")
+              f"{'wire B/step/rank':>19} {'DDP/this bytes':>15}")
     lines = [title, header]
     for r in rows:
         ratio = "-" if r["ddp_bytes_over_these"] is None or r["method"] in ("none", "ddp") else (
@@ -113,7 +125,23 @@ def _table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         lines.append(f"{r['rate_mbit']!s:>9} {r['method']:<15} {1000 * seconds:>8.1f} "
                      f"{args.batch_size / seconds:>12.0f} {r['throughput_vs_none']:>8.3f} "
                      f"{r['wire_bytes_per_step_per_worker']:>19,.0f} {ratio:>15}")
+    lines += [group_bytes_verdict(r, flat, args.ranks_per_node) for r, flat in _group_pairs(rows)]
     return "\n".join(lines)
+
+
+def _group_pairs(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Each easgd_node:τ row with the flat easgd:τ row of the same link."""
+    flat = {(r["rate_mbit"], r["method"].split(":")[1]): r for r in rows if r["method"].startswith("easgd:")}
+    return [(r, flat[(r["rate_mbit"], r["method"].split(":")[1])]) for r in rows
+            if r["method"].startswith("easgd_node:") and (r["rate_mbit"], r["method"].split(":")[1]) in flat]
+
+
+def group_bytes_verdict(grouped: dict[str, Any], flat: dict[str, Any], k: int) -> str:
+    """The worker-groups target: a rank of a k-rank worker sends 1/k of flat EASGD's inter-node bytes (±5 %)."""
+    ratio = grouped["wire_bytes_per_step_per_worker"] / flat["wire_bytes_per_step_per_worker"]
+    met = abs(ratio * k - 1) <= 0.05
+    return (f"{grouped['rate_mbit']!s:>9} {grouped['method']}: inter-node bytes per rank = {ratio:.3f} x flat "
+            f"{flat['method']}'s (target 1/{k} = {1 / k:.3f} +-5 %: {'met' if met else 'NOT met'})")
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -125,7 +153,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     rates = list(dict.fromkeys(r["rate_mbit"] for r in rows))
     fig, axes = plt.subplots(1, len(rates), figsize=(5 * len(rates), 4), squeeze=False)
     for ax, rate in zip(axes[0], rates):
-        for family, marker in (("average", "s"), ("easgd", "o"), ("easgd_async", "^")):
+        for family, marker in (("average", "s"), ("easgd", "o"), ("easgd_node", "D"), ("easgd_async", "^")):
             points = sorted((int(r["method"].split(":")[1]), r["throughput_vs_none"]) for r in rows
                             if r["rate_mbit"] == rate and r["method"].split(":")[0] == family)
             if points:
@@ -214,12 +242,12 @@ def _plot_overhead(rows: list[dict[str, Any]], path: Path) -> None:
 
 # Options that only one suite reads; giving one to another suite is refused rather than ignored.
 _SUITE_OPTIONS = {
-    "comm": ("rates", "taus", "steps", "warmup", "rounds", "with_async"),
+    "comm": ("rates", "taus", "steps", "warmup", "rounds", "with_async", "ranks_per_node"),
     "overhead": ("steps", "warmup", "rounds"),
     "accuracy": ("rates", "methods", "epochs", "evals_per_epoch", "budget_seconds", "data_dir", "override"),
 }
 _DEFAULTS: dict[str, Any] = {
-    "taus": [1, 4, 16, 64], "steps": 64, "warmup": 8, "rounds": 1, "with_async": False,
+    "taus": [1, 4, 16, 64], "steps": 64, "warmup": 8, "rounds": 1, "with_async": False, "ranks_per_node": 1,
     "methods": list(accuracy.DEFAULT_METHODS), "epochs": 8, "evals_per_epoch": 4, "budget_seconds": None,
     "data_dir": accuracy.REPOSITORY.parent / "shared" / "data" / "cifar10", "override": [],
 }
@@ -247,6 +275,9 @@ def _resolve_options(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     args.processes = args.processes or _PROCESSES[args.suite]
     args.timeout = args.timeout or _TIMEOUT[args.suite]
     check_run_arguments(parser, args)
+    if args.suite == "comm" and (args.ranks_per_node < 1 or args.processes % args.ranks_per_node):
+        parser.error(f"--ranks-per-node {args.ranks_per_node} is invalid for --processes {args.processes}: it must be "
+                     ">= 1 and divide the number of processes")
     if any(r < 0 for r in args.rates):
         parser.error(f"--rates {args.rates} is invalid: rates are Mbit/s >= 0 (0: unshaped)")
     if args.suite == "accuracy":
@@ -280,6 +311,8 @@ def main(argv: list[str] | None = None) -> None:
     comm.add_argument("--warmup", type=int, help="untimed optimizer steps first (default 8)")
     comm.add_argument("--rounds", type=int, help="repetitions; tables show each median (default 1)")
     comm.add_argument("--with-async", action="store_true", default=None, help="also the asynchronous strategy")
+    comm.add_argument("--ranks-per-node", type=int,
+                      help="processes per node, each with its own NIC; > 1 adds easgd_node:TAU (comm; default 1)")
     acc = parser.add_argument_group("accuracy")
     acc.add_argument("--methods", nargs="+", help=f"default: {' '.join(accuracy.DEFAULT_METHODS)}")
     acc.add_argument("--epochs", type=int, help="epoch budget (default 8)")
@@ -289,13 +322,14 @@ def main(argv: list[str] | None = None) -> None:
     acc.add_argument("--override", nargs="+", help="extra Hydra overrides for every recipe run")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--nodes", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--interface", default="lo", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
         from benchmarks.workload import train
 
-        train(args.one, warmup=args.warmup, steps=args.steps, batch_size=args.batch_size, devices=1,
+        train(args.one, warmup=args.warmup, steps=args.steps, batch_size=args.batch_size, devices=args.devices,
               num_nodes=args.nodes, interface=args.interface, result=args.result, all_ranks=True)
         return
     if args.suite is None:

@@ -3,8 +3,9 @@ by one of the methods compared, with a callback that times a window of optimizer
 this process's network interface sent meanwhile.
 
 Methods: ``none`` (one process, no communication), ``ddp`` (Lightning's DDPStrategy: gradient all-reduce every
-step), ``average:τ`` (local SGD with periodic model averaging), ``easgd:τ`` (EASGDStrategy) and, when the package
-provides it, ``easgd_async:τ``.
+step), ``average:τ`` (local SGD with periodic model averaging), ``easgd:τ`` (EASGDStrategy, one worker per
+process), ``easgd_node:τ`` (EASGDStrategy with ``ranks_per_worker="node"``: one worker per node, gradients
+all-reduced inside it) and ``easgd_async:τ``.
 """
 
 from __future__ import annotations
@@ -25,15 +26,19 @@ from torch.utils.data import DataLoader, TensorDataset
 from benchmarks.netlab import interface_tx_bytes
 
 
+PERIODIC = ("easgd", "easgd_node", "average", "easgd_async")
+"""The methods that take a communication period."""
+
+
 def parse_method(method: str) -> tuple[str, int | None]:
     """``"easgd:16"`` -> ``("easgd", 16)``; raises for unknown names or a bad period."""
     name, _, period = method.partition(":")
     if name in ("none", "ddp") and not period:
         return name, None
-    if name in ("easgd", "average", "easgd_async") and period.isdigit() and int(period) >= 1:
+    if name in PERIODIC and period.isdigit() and int(period) >= 1:
         return name, int(period)
     raise ValueError(
-        f"method={method!r} is invalid: use none, ddp, or easgd:TAU, average:TAU, easgd_async:TAU with TAU >= 1"
+        f"method={method!r} is invalid: use none, ddp, or {', '.join(f'{m}:TAU' for m in PERIODIC)} with TAU >= 1"
     )
 
 
@@ -56,6 +61,8 @@ def make_strategy(method: str, start_method: str) -> Any:
         return AsyncEASGDStrategy(tau=period, start_method=start_method)
     from lightning_easgd import EASGDStrategy
 
+    if name == "easgd_node":
+        return EASGDStrategy(tau=period, ranks_per_worker="node", start_method=start_method)
     return EASGDStrategy(tau=period, start_method=start_method)
 
 

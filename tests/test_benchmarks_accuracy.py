@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,8 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks/ is not part of the installed package
 
 from benchmarks import accuracy
-from benchmarks.netlab import available
-from benchmarks.run import main
+from benchmarks.netlab import available, private_cluster
+from benchmarks.run import group_bytes_verdict, main
+from benchmarks.workload import parse_method
 
 
 def _compose(method: accuracy.Method):
@@ -183,3 +185,54 @@ def test_a_tiny_overhead_suite_reports_time_and_memory(tmp_path: Path) -> None:
     assert float(rows["none"]["relative"]) == 1.0 and float(rows["easgd:1"]["relative"]) > 0
     assert int(rows["none"]["extra_memory_bytes"]) == 0
     assert int(rows["easgd:64"]["extra_memory_bytes"]) == 2 * 4 * 351_946  # one process: the center and d_i
+
+
+def _send(source, destination, nbytes: int) -> None:
+    """Send ``nbytes`` over TCP from ``source``'s namespace to ``destination``'s address (a Host each)."""
+    listen = ("import socket; s = socket.socket(); s.bind(({addr!r}, 5555)); s.listen(); c, _ = s.accept(); n = 0\n"
+              "while (d := c.recv(65536)): n += len(d)\nprint(n)").format(addr=destination.address)
+    send = (f"import socket, time; time.sleep(0.5); s = socket.create_connection(({destination.address!r}, 5555)); "
+            f"s.sendall(b'x' * {nbytes}); s.close()")
+    receiver = subprocess.Popen(destination.command([sys.executable, "-c", listen]), stdout=subprocess.PIPE, text=True)
+    try:
+        assert run_bounded(source.command([sys.executable, "-c", send]), cwd=REPO, timeout=30).returncode == 0
+        assert receiver.communicate(timeout=30)[0].strip() == str(nbytes)
+    finally:
+        receiver.kill()
+
+
+@pytest.mark.skipif(available() is not None, reason=f"private network unavailable: {available()}")
+def test_a_private_cluster_keeps_each_rail_apart_and_a_node_on_its_loopback() -> None:
+    nbytes = 1_000_000
+    with private_cluster(2, 2, None) as nodes:
+        (a0, a1), (b0, b1) = nodes
+        assert [h.address for h in (a0, a1, b0, b1)] == ["10.77.0.1", "10.77.1.1", "10.77.0.2", "10.77.1.2"]
+        before = [h.tx_bytes() for h in (a0, a1)]
+        _send(a1, b1, nbytes)  # rail 1: leaves node 0 by its NIC 1 only
+        after = [h.tx_bytes() for h in (a0, a1)]
+        assert after[1] - before[1] > nbytes and after[0] - before[0] < 10_000
+        _send(a0, a1, nbytes)  # two processes of one node: through the loopback, on no NIC
+        assert [h.tx_bytes() for h in (a0, a1)][1] - after[1] < 10_000
+        assert a0.tx_bytes() - after[0] < 10_000
+
+
+def test_the_groups_bytes_target_is_judged_both_ways() -> None:
+    flat = {"rate_mbit": 100, "method": "easgd:16", "wire_bytes_per_step_per_worker": 1000.0}
+    grouped = {"rate_mbit": 100, "method": "easgd_node:16", "wire_bytes_per_step_per_worker": 520.0}
+    assert "0.520 x flat easgd:16's (target 1/2 = 0.500 +-5 %: met)" in group_bytes_verdict(grouped, flat, 2)
+    grouped["wire_bytes_per_step_per_worker"] = 560.0
+    assert "NOT met" in group_bytes_verdict(grouped, flat, 2)
+
+
+def test_comm_methods_and_ranks_per_node_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_method("easgd_node:16") == ("easgd_node", 16)
+    with pytest.raises(ValueError, match="easgd_node:TAU"):
+        parse_method("easgd_node")
+    for argv, message in (
+        (["--suite", "comm", "--processes", "4", "--ranks-per-node", "3"], "--ranks-per-node 3 is invalid"),
+        (["--suite", "comm", "--ranks-per-node", "0"], "--ranks-per-node 0 is invalid"),
+        (["--suite", "overhead", "--ranks-per-node", "2"], "--ranks-per-node do not apply to --suite overhead"),
+    ):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err
