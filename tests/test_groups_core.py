@@ -61,8 +61,11 @@ def _run(rank: int, store: str, out: str, k: int, options: dict[str, Any]) -> No
                                 worker_group=topo.worker_group, bucket_cap_mb=CAP_MB, **options)
         other.load_state_dict(state)
         reloaded = {n: v.clone() for n, v in zip(other.names, other.center_values())}
+        velocity, reloaded_velocity = avg.center_velocity(), other.center_velocity()  # collective, like the center
         torch.save({"local": local, "center": center, "swapped": swapped, "during": during, "restored": restored,
                     "reloaded": reloaded, "clock": other.clock, "stats": avg.pop_stats(),
+                    "velocity": velocity and {n: v.clone() for n, v in velocity.items()},
+                    "reloaded_velocity": reloaded_velocity and {n: v.clone() for n, v in reloaded_velocity.items()},
                     "buffer_bytes": avg.buffer_bytes, "device_buffer_bytes": avg.device_buffer_bytes,
                     "bytes_per_exchange": avg.bytes_per_exchange, "nbytes": avg.layout.nbytes,
                     "buckets": [(b.numel, b.dtype) for b in avg.layout.buckets]}, f"{out}/rank{rank}.pt")
@@ -303,3 +306,44 @@ def test_worker_groups_use_the_given_timeout(tmp_path: Path) -> None:
         proc.join(timeout=5)
     waited, outcome = (tmp_path / "rank2.txt").read_text().split(" ", 1)
     assert outcome != "no error" and float(waited) < 15, (waited, outcome)
+
+
+def _momentum_replay(p: int, mu: float, nesterov: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Eq. 5-6 with momentum on the center's increment s = α·Σ d: v ← μ·v + s, then x̃ += v (heavy ball) or
+    x̃ += μ·v + s (Nesterov). Returns the center and the velocity."""
+    workers = [_tensors() for _ in range(p)]
+    center = {n: v.to(MASTER[v.dtype]) for n, v in _tensors().items()}
+    velocity = {n: torch.zeros_like(v) for n, v in center.items()}
+    for t in range(STEPS):
+        exchange = t > 0 and t % TAU == 0
+        diffs = [{n: x[n].to(center[n].dtype) - center[n] for n in x} for x in workers] if exchange else []
+        for g, x in enumerate(workers):
+            _local_step(x, g, t)
+        if exchange:
+            for n in center:
+                s = ALPHA * sum(d[n] for d in diffs)
+                velocity[n] = mu * velocity[n] + s
+                center[n] += mu * velocity[n] + s if nesterov else velocity[n]
+            for x, d in zip(workers, diffs):
+                for n in x:
+                    x[n].copy_(x[n].to(d[n].dtype) - ALPHA * d[n])
+    return center, velocity
+
+
+@pytest.mark.parametrize(("k", "nesterov", "options"),
+                         [(1, False, {}), (2, False, {}), (2, True, {}), (2, True, {"center_device": "cpu"})])
+def test_center_momentum_is_sharded_like_the_center(tmp_path: Path, k: int, nesterov: bool,
+                                                     options: dict[str, Any]) -> None:
+    """The velocity is a slice per rank with worker groups: updated, gathered and restored like the center."""
+    mu = 0.5
+    records = _launch(tmp_path, k, {"center_momentum": mu, "center_nesterov": nesterov, **options})
+    center, velocity = _momentum_replay(WORLD // k, mu, nesterov)
+    atol = {torch.float64: 1e-12, torch.float32: 1e-6}
+    for rank, rec in enumerate(records):
+        for n in center:
+            tol = atol[center[n].dtype]
+            torch.testing.assert_close(rec["center"][n], center[n], rtol=0, atol=tol, msg=f"rank {rank} center {n}")
+            torch.testing.assert_close(rec["velocity"][n], velocity[n], rtol=0, atol=tol, msg=f"rank {rank} v {n}")
+            assert torch.equal(rec["velocity"][n], records[0]["velocity"][n]), "v is identical on every rank"
+            assert torch.equal(rec["reloaded_velocity"][n], rec["velocity"][n]), "state_dict round trip of v"
+        assert float(sum(v.abs().sum() for v in rec["velocity"].values())) > 0
