@@ -463,7 +463,8 @@ def check_exchange_memory(device: torch.device, sizes: Sizes = FULL) -> Result:
             torch._foreach_add_(tensors, 1e-3)
     bucket = max(b.numel * torch.empty((), dtype=b.dtype).element_size() for b in averager.layout.buckets)
     metrics: dict[str, Any] = {"parameters": n, "model_bytes": model_bytes, "bucket_bytes": bucket,
-                               "buffer_bytes": averager.buffer_bytes, "device_buffer_bytes": averager.device_buffer_bytes}
+                               "buffer_bytes": averager.buffer_bytes,
+                               "device_buffer_bytes": averager.device_buffer_bytes}
     if not cuda:
         return Result("d_exchange_memory", PASS, "ran with center_device='cpu' (device memory is measured on CUDA "
                       "only)", metrics)

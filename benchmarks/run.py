@@ -11,8 +11,9 @@ WORLD_SIZE/MASTER_ADDR). With ``--ranks-per-node N`` (default 1) each node runs 
 throughput, its ratio to the same processes training alone without communicating, and the bytes each process's
 NIC sent per optimizer step (counted from the interface's own counter: inter-node traffic only). Methods: none,
 ddp (gradient all-reduce every step), average:τ (local SGD, periodic averaging), easgd:τ (one EASGD worker per
-process), with N > 1 easgd_node:τ (one worker per node: ``ranks_per_worker="node"``), and with ``--with-async``
-easgd_async:τ. Writes ``comm.csv`` and ``comm.png`` under ``--out``.
+process), with N > 1 easgd_node:τ (one worker per node: ``ranks_per_worker="node"``), with ``--with-bf16``
+easgd_bf16:τ (d_i sent in bfloat16: half the bytes), and with ``--with-async`` easgd_async:τ. Writes ``comm.csv``
+and ``comm.png`` under ``--out``.
 
 ``accuracy``: each method of ``--methods`` trained by the CIFAR-10 recipe on the real data, its workers in the same
 private network; the center's test error after ``--epochs`` and at a wall-clock budget, the bytes each worker sent,
@@ -55,6 +56,8 @@ def _comm(args: argparse.Namespace) -> list[dict[str, Any]]:
     methods = ["none", "ddp", *[f"average:{t}" for t in args.taus], *[f"easgd:{t}" for t in args.taus]]
     if per_node > 1:
         methods += [f"easgd_node:{t}" for t in args.taus]
+    if args.with_bf16:
+        methods += [f"easgd_bf16:{t}" for t in args.taus]
     if args.with_async:
         methods += [f"easgd_async:{t}" for t in args.taus]
     tmp = args.out / "comm_runs"
@@ -153,7 +156,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     rates = list(dict.fromkeys(r["rate_mbit"] for r in rows))
     fig, axes = plt.subplots(1, len(rates), figsize=(5 * len(rates), 4), squeeze=False)
     for ax, rate in zip(axes[0], rates):
-        for family, marker in (("average", "s"), ("easgd", "o"), ("easgd_node", "D"), ("easgd_async", "^")):
+        for family, marker in (("average", "s"), ("easgd", "o"), ("easgd_bf16", "v"), ("easgd_node", "D"),
+                               ("easgd_async", "^")):
             points = sorted((int(r["method"].split(":")[1]), r["throughput_vs_none"]) for r in rows
                             if r["rate_mbit"] == rate and r["method"].split(":")[0] == family)
             if points:
@@ -184,7 +188,8 @@ def _accuracy(args: argparse.Namespace) -> list[accuracy.Result]:
             for method in methods:
                 port += 1
                 run_dir = args.out / "accuracy_runs" / f"{label}_{method.label.replace(':', '_')}"
-                print(f"{accuracy.link_name(label)}, {method.label}: training {args.epochs} epochs ({run_dir})", file=sys.stderr)
+                print(f"{accuracy.link_name(label)}, {method.label}: training {args.epochs} epochs ({run_dir})",
+                      file=sys.stderr)
                 result = accuracy.train_one(
                     method, hosts, rate=label, port=port, processes=args.processes, epochs=args.epochs,
                     run_dir=run_dir, timeout=args.timeout, evals_per_epoch=args.evals_per_epoch,
@@ -242,12 +247,13 @@ def _plot_overhead(rows: list[dict[str, Any]], path: Path) -> None:
 
 # Options that only one suite reads; giving one to another suite is refused rather than ignored.
 _SUITE_OPTIONS = {
-    "comm": ("rates", "taus", "steps", "warmup", "rounds", "with_async", "ranks_per_node"),
+    "comm": ("rates", "taus", "steps", "warmup", "rounds", "with_async", "with_bf16", "ranks_per_node"),
     "overhead": ("steps", "warmup", "rounds"),
     "accuracy": ("rates", "methods", "epochs", "evals_per_epoch", "budget_seconds", "data_dir", "override"),
 }
 _DEFAULTS: dict[str, Any] = {
-    "taus": [1, 4, 16, 64], "steps": 64, "warmup": 8, "rounds": 1, "with_async": False, "ranks_per_node": 1,
+    "taus": [1, 4, 16, 64], "steps": 64, "warmup": 8, "rounds": 1, "with_async": False, "with_bf16": False,
+    "ranks_per_node": 1,
     "methods": list(accuracy.DEFAULT_METHODS), "epochs": 8, "evals_per_epoch": 4, "budget_seconds": None,
     "data_dir": accuracy.REPOSITORY.parent / "shared" / "data" / "cifar10", "override": [],
 }
@@ -311,6 +317,8 @@ def main(argv: list[str] | None = None) -> None:
     comm.add_argument("--warmup", type=int, help="untimed optimizer steps first (default 8)")
     comm.add_argument("--rounds", type=int, help="repetitions; tables show each median (default 1)")
     comm.add_argument("--with-async", action="store_true", default=None, help="also the asynchronous strategy")
+    comm.add_argument("--with-bf16", action="store_true", default=None,
+                      help="also EASGD with exchange_dtype=bfloat16 (easgd_bf16:TAU)")
     comm.add_argument("--ranks-per-node", type=int,
                       help="processes per node, each with its own NIC; > 1 adds easgd_node:TAU (comm; default 1)")
     acc = parser.add_argument_group("accuracy")

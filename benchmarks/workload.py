@@ -4,8 +4,9 @@ this process's network interface sent meanwhile.
 
 Methods: ``none`` (one process, no communication), ``ddp`` (Lightning's DDPStrategy: gradient all-reduce every
 step), ``average:τ`` (local SGD with periodic model averaging), ``easgd:τ`` (EASGDStrategy, one worker per
-process), ``easgd_node:τ`` (EASGDStrategy with ``ranks_per_worker="node"``: one worker per node, gradients
-all-reduced inside it) and ``easgd_async:τ``.
+process), ``easgd_bf16:τ`` (the same with ``exchange_dtype=torch.bfloat16``: d_i travels in bfloat16),
+``easgd_node:τ`` (EASGDStrategy with ``ranks_per_worker="node"``: one worker per node, gradients all-reduced inside
+it) and ``easgd_async:τ``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from benchmarks.netlab import interface_tx_bytes
 
 
-PERIODIC = ("easgd", "easgd_node", "average", "easgd_async")
+PERIODIC = ("easgd", "easgd_bf16", "easgd_node", "average", "easgd_async")
 """The methods that take a communication period."""
 
 
@@ -63,6 +64,8 @@ def make_strategy(method: str, start_method: str) -> Any:
 
     if name == "easgd_node":
         return EASGDStrategy(tau=period, ranks_per_worker="node", start_method=start_method)
+    if name == "easgd_bf16":
+        return EASGDStrategy(tau=period, exchange_dtype="bfloat16", start_method=start_method)
     return EASGDStrategy(tau=period, start_method=start_method)
 
 

@@ -167,8 +167,8 @@ def _run_suite(argv: list[str], out: Path) -> dict[str, dict[str, str]]:
 @pytest.mark.skipif(available() is not None, reason=f"private network unavailable: {available()}")
 def test_a_tiny_comm_suite_counts_bytes_on_the_wire(tmp_path: Path) -> None:
     rows = _run_suite(["--suite", "comm", "--rates", "0", "--taus", "2", "--steps", "4", "--warmup", "2",
-                       "--batch-size", "16"], tmp_path)
-    assert set(rows) == {"none", "ddp", "average:2", "easgd:2"}
+                       "--batch-size", "16", "--with-bf16"], tmp_path)
+    assert set(rows) == {"none", "ddp", "average:2", "easgd:2", "easgd_bf16:2"}
     parameter_bytes = 4 * 351_946
     # EASGD's payload is the parameters every τ = 2 steps; what the interface counted is that plus TCP/IP framing.
     assert float(rows["easgd:2"]["payload_bytes_per_step"]) == parameter_bytes / 2
@@ -177,6 +177,11 @@ def test_a_tiny_comm_suite_counts_bytes_on_the_wire(tmp_path: Path) -> None:
     assert float(rows["ddp"]["ddp_bytes_over_these"]) == 1.0
     assert float(rows["easgd:2"]["ddp_bytes_over_these"]) == pytest.approx(2.0, rel=0.05)
     assert float(rows["none"]["wire_bytes_per_step_per_worker"]) < 100  # no peers: nothing but link chatter
+    # exchange_dtype=bfloat16: d_i travels in 2 bytes instead of 4, so the payload and the wire bytes halve.
+    assert float(rows["easgd_bf16:2"]["payload_bytes_per_step"]) == parameter_bytes / 4
+    bf16_over_fp32 = (float(rows["easgd_bf16:2"]["wire_bytes_per_step_per_worker"])
+                      / float(rows["easgd:2"]["wire_bytes_per_step_per_worker"]))
+    assert bf16_over_fp32 == pytest.approx(0.5, abs=0.03)
 
 
 def test_a_tiny_overhead_suite_reports_time_and_memory(tmp_path: Path) -> None:
