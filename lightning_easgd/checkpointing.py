@@ -40,6 +40,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
+from lightning_easgd.module_state import state_with
 from lightning_easgd.rng import capture_rng_state, restore_rng_state
 
 if TYPE_CHECKING:
@@ -130,9 +131,7 @@ class WorkerCheckpoints:
         averager = strategy.averager
         if averager is None:
             return state
-        center = averager.center_values()
-        for key, i in strategy._state_keys.items():
-            state[key] = center[i].detach()
+        state = state_with(state, strategy._state_keys, averager.center_values())
         if strategy.is_global_zero:
             state = {key: _to_cpu(value) for key, value in state.items()}
         return state
@@ -222,10 +221,8 @@ class WorkerCheckpoints:
     def _local_state_dict(self) -> dict[str, Tensor]:
         strategy = self._strategy
         assert strategy.averager is not None and strategy.lightning_module is not None
-        state = strategy.lightning_module.state_dict()
-        local = strategy.averager.local_values()
-        for key, i in strategy._state_keys.items():
-            state[key] = local[i]
+        state = state_with(strategy.lightning_module.state_dict(), strategy._state_keys,
+                           strategy.averager.local_values())
         return {key: value.detach().to("cpu", copy=True) for key, value in state.items()}
 
     def after_save(self) -> None:

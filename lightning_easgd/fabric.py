@@ -40,9 +40,11 @@ from typing_extensions import override
 
 from lightning_easgd.checkpoint_io import AtomicCheckpointIO
 from lightning_easgd.core import DEFAULT_BETA, ElasticAverager, resolve_alpha
+from lightning_easgd.core.buckets import check_device
+from lightning_easgd.core.center_momentum import check_center_momentum
 from lightning_easgd.core.worker import NonFinitePolicy
 from lightning_easgd.module_state import elastic_tensors, state_with
-from lightning_easgd.options import ExchangeOptions, refuse_ddp_options
+from lightning_easgd.options import ExchangeOptions, worker_ddp_options
 from lightning_easgd.rng import capture_rng_state, restore_rng_state
 from lightning_easgd.worker_files import (
     describe_resize,
@@ -115,10 +117,17 @@ class EASGDFabricStrategy(DDPStrategy):
         tau: int = 10,
         alpha: float | None = None,
         beta: float = DEFAULT_BETA,
-        overlap: bool = True,
-        bucket_cap_mb: float = 25.0,
+        overlap: bool | None = None,
+        bucket_cap_mb: float | None = None,
         save_worker_states: bool = True,
         on_nonfinite: NonFinitePolicy = "raise",
+        ranks_per_worker: int | Literal["node"] = 1,
+        center_device: str | None = None,
+        exchange_dtype: str | torch.dtype | None = None,
+        center_momentum: float = 0.0,
+        center_nesterov: bool = False,
+        warmup_steps: int = 0,
+        warmup_tau: int = 1,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -129,12 +138,21 @@ class EASGDFabricStrategy(DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **kwargs: Any,
     ) -> None:
-        refuse_ddp_options(kwargs, type(self).__name__)
+        owner = type(self).__name__
+        worker_ddp_options(kwargs, owner, grouped=ranks_per_worker != 1, groups_supported=False)
         options = ExchangeOptions.validated(
-            tau=tau, alpha=alpha, beta=beta, overlap=overlap, bucket_cap_mb=bucket_cap_mb,
-            save_worker_states=save_worker_states, on_nonfinite=on_nonfinite, timeout=timeout,
+            owner=owner, tau=tau, alpha=alpha, beta=beta, overlap=overlap, bucket_cap_mb=bucket_cap_mb,
+            save_worker_states=save_worker_states, on_nonfinite=on_nonfinite, ranks_per_worker=ranks_per_worker,
+            center_device=center_device, exchange_dtype=exchange_dtype, center_momentum=center_momentum,
+            center_nesterov=center_nesterov, warmup_steps=warmup_steps, warmup_tau=warmup_tau, timeout=timeout,
             start_method=start_method,
         )
+        if options.ranks_per_worker != 1:
+            raise ValueError(
+                f"{owner} does not support ranks_per_worker={ranks_per_worker!r} yet: worker groups are supported by "
+                "the Trainer strategy (EASGDStrategy) and not yet by Fabric; use ranks_per_worker=1 (every rank is a "
+                "worker)"
+            )
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -145,13 +163,12 @@ class EASGDFabricStrategy(DDPStrategy):
             timeout=options.timeout,
             start_method=start_method,
         )
+        self.options = options
         self.tau = options.tau
         self._alpha = options.alpha
         self.beta = options.beta
         self.overlap = options.overlap
-        self.bucket_cap_mb = options.bucket_cap_mb
         self.save_worker_states = options.save_worker_states
-        self.on_nonfinite: NonFinitePolicy = options.on_nonfinite
         self._backward_sync_control = _NoGradientSync()
         self._averager: ElasticAverager | None = None
         self._module: Module | None = None
@@ -189,12 +206,21 @@ class EASGDFabricStrategy(DDPStrategy):
                 f"{type(self).__name__} is running with a single worker: EASGD needs at least 2 workers to average; "
                 "the elastic pull still runs, without any communication."
             )
-        alpha, warning = resolve_alpha(self._alpha, self.beta, self.world_size)
+        options = self.options
+        alpha, warning = resolve_alpha(options.alpha, options.beta, self.world_size)
+        if options.center_momentum:  # momentum moves the overshoot threshold (and the divergence bound)
+            warning = check_center_momentum(self.world_size * alpha, options.center_momentum, options.center_nesterov)
         if warning:
             rank_zero_warn(warning)
-        elastic, self._state_keys = elastic_tensors(module, self.bucket_cap_mb)
-        self._averager = ElasticAverager(elastic, tau=self.tau, alpha=alpha, bucket_cap_mb=self.bucket_cap_mb,
-                                         overlap=self.overlap, on_nonfinite=self.on_nonfinite, timeout=self._timeout)
+        check_device([*module.named_parameters(), *module.named_buffers()], self.root_device)
+        elastic, self._state_keys = elastic_tensors(module, options.bucket_cap_mb)
+        self._averager = ElasticAverager(
+            elastic, tau=options.tau, alpha=alpha, bucket_cap_mb=options.bucket_cap_mb, overlap=options.overlap,
+            on_nonfinite=options.on_nonfinite, timeout=self._timeout, center_device=options.center_device,
+            exchange_dtype=options.exchange_dtype, center_momentum=options.center_momentum,
+            center_nesterov=options.center_nesterov, warmup_steps=options.warmup_steps,
+            warmup_tau=options.warmup_tau,
+        )
         self._module = module
         self._hook = module.register_forward_pre_hook(self._open_step_on_forward)
         log.debug("EASGD: %d workers, tau=%d, alpha=%g, %d tensors of %d bytes in %d buckets", self.world_size,
