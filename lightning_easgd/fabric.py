@@ -17,8 +17,10 @@ forward, the backward and the optimizer update.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from functools import partial
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -39,6 +41,16 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_easgd.checkpoint_io import AtomicCheckpointIO
+from lightning_easgd.checkpointing import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_KEY,
+    WorkerFiles,
+    center_state,
+    check_section,
+    describe_resize,
+    resume_center_velocity,
+    worker_file_name,
+)
 from lightning_easgd.core import DEFAULT_BETA, ElasticAverager, resolve_alpha
 from lightning_easgd.core.buckets import check_device
 from lightning_easgd.core.center_momentum import check_center_momentum
@@ -46,20 +58,8 @@ from lightning_easgd.core.worker import NonFinitePolicy
 from lightning_easgd.module_state import elastic_tensors, state_with
 from lightning_easgd.options import ExchangeOptions, worker_ddp_options
 from lightning_easgd.rng import capture_rng_state, restore_rng_state
-from lightning_easgd.worker_files import (
-    describe_resize,
-    new_worker_directory,
-    prune_worker_directories,
-    read_worker_state,
-    write_worker_state,
-)
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_KEY = "easgd"
-"""Where ``fabric.save`` keeps the strategy's metadata (the center itself is the model's entry)."""
-CHECKPOINT_FORMAT = 1
-
 
 class EASGDFabricStrategy(DDPStrategy):
     """Synchronous Elastic Averaging SGD (Zhang, Choromanska & LeCun, NIPS 2015, Eq. 5-6) for Fabric.
@@ -92,7 +92,7 @@ class EASGDFabricStrategy(DDPStrategy):
             the optimizer's update (True), or wait for it before the step's forward runs (False). Same arithmetic.
         bucket_cap_mb: size of the flat buffers that each all-reduce carries.
         save_worker_states: ``fabric.save`` also writes every worker's local weights, optimizer state and RNG state,
-            each by its own rank to its own file beside the checkpoint (see :mod:`lightning_easgd.worker_files`),
+            each by its own rank to its own file beside the checkpoint (see :mod:`lightning_easgd.checkpointing`),
             so that ``fabric.load`` reproduces the uninterrupted run. Without them a resumed run restarts every
             worker from the center.
         on_nonfinite: the divergence guard. ``"raise"`` (default): every rank raises
@@ -163,13 +163,16 @@ class EASGDFabricStrategy(DDPStrategy):
             timeout=options.timeout,
             start_method=start_method,
         )
-        self.options = options
+        self._options = options
         self.tau = options.tau
         self._alpha = options.alpha
         self.beta = options.beta
         self.overlap = options.overlap
+        self.bucket_cap_mb = options.bucket_cap_mb
         self.save_worker_states = options.save_worker_states
+        self.on_nonfinite: NonFinitePolicy = options.on_nonfinite
         self._backward_sync_control = _NoGradientSync()
+        self._files = WorkerFiles(self)
         self._averager: ElasticAverager | None = None
         self._module: Module | None = None
         self._optimizers: list[Optimizer] = []
@@ -206,7 +209,7 @@ class EASGDFabricStrategy(DDPStrategy):
                 f"{type(self).__name__} is running with a single worker: EASGD needs at least 2 workers to average; "
                 "the elastic pull still runs, without any communication."
             )
-        options = self.options
+        options = self._options
         alpha, warning = resolve_alpha(options.alpha, options.beta, self.world_size)
         if options.center_momentum:  # momentum moves the overshoot threshold (and the divergence bound)
             warning = check_center_momentum(self.world_size * alpha, options.center_momentum, options.center_nesterov)
@@ -327,7 +330,7 @@ class EASGDFabricStrategy(DDPStrategy):
         state = super().get_module_state_dict(module)
         if module is not self._module or self._averager is None:
             return state
-        return state_with(state, self._state_keys, self._averager.center_values())
+        return center_state(state, self._state_keys, self._averager.center_values(), self.is_global_zero)
 
     @override
     def save_checkpoint(
@@ -354,21 +357,25 @@ class EASGDFabricStrategy(DDPStrategy):
         section: dict[str, Any] = {
             "format": CHECKPOINT_FORMAT,
             "world_size": self.world_size,
+            "num_workers": self.world_size,
+            "ranks_per_worker": 1,
             "tau": self.tau,
             "alpha": averager.alpha,
             "clock": averager.clock,
         }
-        directory = None
+        velocity = averager.center_velocity()
+        if velocity is not None:  # identical on every rank, like the center: it travels in the checkpoint file
+            section["center_velocity"] = {k: v.detach().to("cpu", copy=True) for k, v in velocity.items()}
+        save_id = None
         if self.save_worker_states:
-            directory = self.broadcast(new_worker_directory(path) if self.is_global_zero else None)
-            write_worker_state(path, directory, self.global_rank, self._worker_state())
-            self.barrier("easgd_worker_files")  # the main file never names missing worker files
-            section["workers"] = directory
+            save_id = self._files.new_save_id(averager.clock)
+            self._files.write(path, save_id, self.global_rank, partial(self._worker_state, save_id), storage_options)
+            section["save_id"] = save_id
+            section["worker_files"] = [worker_file_name(path, save_id, g) for g in range(self.world_size)]
         super().save_checkpoint(path, {**state, CHECKPOINT_KEY: section}, storage_options, filter)
-        if self.is_global_zero:
-            prune_worker_directories(path, keep=directory)
+        self._files.prune(path, save_id)
 
-    def _worker_state(self) -> dict[str, Any]:
+    def _worker_state(self, save_id: str) -> dict[str, Any]:
         assert self._averager is not None and self._module is not None
         local = state_with(self._module.state_dict(), self._state_keys, self._averager.local_values())
 
@@ -377,12 +384,13 @@ class EASGDFabricStrategy(DDPStrategy):
 
         return {
             "format": CHECKPOINT_FORMAT,
-            "rank": self.global_rank,
-            "world_size": self.world_size,
-            "clock": self._averager.clock,
+            "save_id": save_id,
+            "worker": self.global_rank,
+            "num_workers": self.world_size,
+            "ranks_per_worker": 1,
             "state_dict": apply_to_collection(local, Tensor, to_cpu),
             "optimizer_states": [apply_to_collection(opt.state_dict(), Tensor, to_cpu) for opt in self._optimizers],
-            "rng": capture_rng_state(),
+            "rng": [capture_rng_state()],
         }
 
     @override
@@ -418,46 +426,41 @@ class EASGDFabricStrategy(DDPStrategy):
         section = remainder.pop(CHECKPOINT_KEY, None)
         if section is None or not any(obj is self._module for obj in state.values()):
             return remainder
-        if not isinstance(section, Mapping) or section.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(
-                f"{path}: the checkpoint's {CHECKPOINT_KEY!r} section has an unknown format; this version of "
-                f"lightning-easgd reads format {CHECKPOINT_FORMAT}"
-            )
+        section = check_section(path, section, formats=(CHECKPOINT_FORMAT,))
         self._averager.clock = int(section["clock"])
+        resume_center_velocity(self._averager, section.get("center_velocity"))
         optimizers = [opt for opt in self._optimizers if any(obj is opt for obj in state.values())]
-        self._resume_worker(path, section, optimizers)
+        self._resume_worker(os.fspath(path), section, optimizers)
         return remainder
 
-    def _resume_worker(self, path: _PATH, section: Mapping[str, Any], optimizers: list[Optimizer]) -> None:
+    def _resume_worker(self, path: str, section: Mapping[str, Any], optimizers: list[Optimizer]) -> None:
         assert self._averager is not None and self._module is not None
-        directory = section.get("workers")
-        if directory is None:
+        if section.get("worker_files") is None:
             rank_zero_warn(
                 f"EASGD resume: the checkpoint holds no worker states (saved with save_worker_states=False); all "
                 f"{self.world_size} workers start from the center."
             )
             return
-        saved_p = int(section["world_size"])
+        saved_p = int(section["num_workers"])
         if saved_p != self.world_size:
             rank_zero_warn(describe_resize(saved_p, self.world_size, self._averager.alpha))
-        if self.global_rank >= saved_p:
+        mine = self._files.read(path, section, self.global_rank)  # collective: all ranks agree on failures
+        if mine is None:
             # A new worker keeps the optimizers' hyperparameters (rank 0's, from the main file) but no
             # per-parameter state: momentum belongs to another worker's trajectory.
             for opt in optimizers:
                 opt.state.clear()
             return
-        mine = read_worker_state(path, directory, self.global_rank)
-        if int(mine["clock"]) != self._averager.clock or len(mine["optimizer_states"]) != len(self._optimizers):
+        if len(mine["optimizer_states"]) != len(self._optimizers):
             raise ValueError(
-                f"{path}: worker {self.global_rank}'s file does not match the checkpoint (clock {mine['clock']} vs "
-                f"{self._averager.clock}, {len(mine['optimizer_states'])} optimizer states vs "
-                f"{len(self._optimizers)} set-up optimizers)"
+                f"{path}: worker {self.global_rank}'s file holds {len(mine['optimizer_states'])} optimizer states, "
+                f"but {len(self._optimizers)} optimizers are set up"
             )
         self._module.load_state_dict(mine["state_dict"])  # the local weights; the center is untouched
         for opt, saved in zip(self._optimizers, mine["optimizer_states"]):
             if opt in optimizers:
                 opt.load_state_dict(saved)
-        restore_rng_state(mine["rng"])
+        restore_rng_state(mine["rng"][0])
 
     # ------------------------------------------------------------------ registration
 
