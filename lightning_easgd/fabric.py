@@ -90,7 +90,8 @@ class EASGDFabricStrategy(DDPStrategy):
         beta: β = p·α used when ``alpha`` is None; the paper uses 0.9. Must be < 2; values above 1 warn.
         overlap: start the all-reduce when the step opens (its first training forward pass) and wait for it after
             the optimizer's update (True), or wait for it before the step's forward runs (False). Same arithmetic.
-        bucket_cap_mb: size of the flat buffers that each all-reduce carries.
+            Default: True, and False with ``center_device="cpu"`` (True is refused there).
+        bucket_cap_mb: size of the flat buffers that each all-reduce carries. Default: 25 MB on CPU, 256 MB on CUDA.
         save_worker_states: ``fabric.save`` also writes every worker's local weights, optimizer state and RNG state,
             each by its own rank to its own file beside the checkpoint (see :mod:`lightning_easgd.checkpointing`),
             so that ``fabric.load`` reproduces the uninterrupted run. Without them a resumed run restarts every
@@ -99,14 +100,20 @@ class EASGDFabricStrategy(DDPStrategy):
             :class:`~lightning_easgd.core.NonFiniteWorkerError` naming the workers and the step. ``"reset"``: the
             diverged workers' contributions are dropped, they restart from the center with empty optimizer state,
             and a warning names them.
+        ranks_per_worker: only 1 (every rank is a worker): worker groups are supported by
+            :class:`~lightning_easgd.EASGDStrategy` and not yet here; other values are refused.
+        center_device, exchange_dtype, center_momentum, center_nesterov, warmup_steps, warmup_tau: as for
+            :class:`~lightning_easgd.EASGDStrategy` (a host-resident center, a bfloat16 exchange, momentum on the
+            center, whose velocity travels in ``fabric.save`` checkpoints, and a warm-up exchange schedule).
         timeout: how long collectives, the exchange included, may wait for a peer before failing with an error.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision, process_group_backend,
         start_method: as for :class:`~lightning.fabric.strategies.DDPStrategy`; ``checkpoint_io`` defaults to
             :class:`~lightning_easgd.checkpoint_io.AtomicCheckpointIO`.
 
     Raises:
-        ValueError: for an invalid option (same checks and messages as :class:`~lightning_easgd.EASGDStrategy`),
-            and for options of DistributedDataParallel, which EASGD does not use.
+        ValueError: for an invalid option (same checks and messages as :class:`~lightning_easgd.EASGDStrategy`:
+            :meth:`~lightning_easgd.options.ExchangeOptions.validated`), ``ranks_per_worker`` other than 1, and
+            options of DistributedDataParallel, which EASGD does not use here.
         TypeError: for any other unknown keyword argument.
     """
 
