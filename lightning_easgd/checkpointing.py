@@ -241,6 +241,25 @@ class WorkerFiles:
             self._ranks.checkpoint_io.remove_checkpoint(worker_files_dir(filepath))
 
 
+def gather_in_worker(obj: Any, worker_group: dist.ProcessGroup | None, rank_in_worker: int, ranks_per_worker: int
+                     ) -> list[Any] | None:
+    """``obj`` of every rank of this rank's worker, in rank order, on its writer (its first rank; None on the others).
+    Collective within the worker group; used for the few-kB RNG states."""
+    if worker_group is None:
+        return [obj]
+    gathered: list[Any] | None = [None] * ranks_per_worker if rank_in_worker == 0 else None
+    dist.gather_object(obj, gathered, group=worker_group, group_dst=0)
+    return gathered
+
+
+def describe_more_ranks(saved_k: int, k: int) -> str:
+    """The warning for resuming a checkpoint of ``saved_k`` ranks per worker with ``k`` > ``saved_k``."""
+    return (
+        f"EASGD resume: the checkpoint has {saved_k} rank(s) per worker and this run has {k}; ranks "
+        f"{saved_k}-{k - 1} of every worker start from freshly seeded random number generators."
+    )
+
+
 def describe_resize(saved_p: int, p: int, alpha: float) -> str:
     """The warning for resuming a checkpoint of ``saved_p`` workers with ``p`` workers."""
     kept = min(saved_p, p)
@@ -323,7 +342,8 @@ class WorkerCheckpoints:
     def _worker_state(self, checkpoint: dict[str, Any], save_id: str) -> dict[str, Any] | None:
         """This worker's file (on its writer; None on its other ranks, which send the writer their RNG states)."""
         strategy = self._strategy
-        rngs = self._gather_rng_in_worker(capture_rng_state())
+        rngs = gather_in_worker(capture_rng_state(), strategy.worker_group, strategy.rank_in_worker,
+                                strategy.ranks_per_worker)
         if rngs is None:
             return None
         return {
@@ -336,17 +356,6 @@ class WorkerCheckpoints:
             "optimizer_states": [_to_cpu(s) for s in checkpoint["optimizer_states"]],
             "rng": rngs,
         }
-
-    def _gather_rng_in_worker(self, rng: dict[str, Any]) -> list[dict[str, Any]] | None:
-        """The RNG states of the worker's ranks, in rank order, on its writer (None on the other ranks)."""
-        strategy = self._strategy
-        group = strategy.worker_group
-        if group is None:
-            return [rng]
-        writer = strategy.rank_in_worker == 0
-        gathered: list[Any] | None = [None] * strategy.ranks_per_worker if writer else None
-        dist.gather_object(rng, gathered, group=group, group_dst=0)
-        return gathered
 
     def _local_state_dict(self) -> dict[str, Tensor]:
         strategy = self._strategy
@@ -414,10 +423,7 @@ class WorkerCheckpoints:
         if saved_p != p:
             rank_zero_warn(describe_resize(saved_p, p, strategy.averager.alpha))
         if k > saved_k:
-            rank_zero_warn(
-                f"EASGD resume: the checkpoint has {saved_k} rank(s) per worker and this run has {k}; ranks "
-                f"{saved_k}-{k - 1} of every worker start from freshly seeded random number generators."
-            )
+            rank_zero_warn(describe_more_ranks(saved_k, k))
         g, j = strategy.worker_index, strategy.rank_in_worker
         if legacy:
             mine = section["workers"][g] if g < saved_p else None

@@ -25,6 +25,7 @@ from datetime import timedelta
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from lightning.fabric.accelerators import Accelerator
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, Precision
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
@@ -36,6 +37,7 @@ from lightning.fabric.utilities.types import _PATH, Optimizable
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torch.nn import Module
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
@@ -47,7 +49,9 @@ from lightning_easgd.checkpointing import (
     WorkerFiles,
     center_state,
     check_section,
+    describe_more_ranks,
     describe_resize,
+    gather_in_worker,
     resume_center_velocity,
     worker_file_name,
 )
@@ -56,7 +60,8 @@ from lightning_easgd.core.buckets import check_device
 from lightning_easgd.core.center_momentum import check_center_momentum
 from lightning_easgd.core.worker import NonFinitePolicy
 from lightning_easgd.module_state import elastic_tensors, state_with
-from lightning_easgd.options import ExchangeOptions, worker_ddp_options
+from lightning_easgd.core.topology import WorkerTopology, worker_topology
+from lightning_easgd.options import ExchangeOptions, refuse_unused_worker_ddp_options, worker_ddp_options
 from lightning_easgd.rng import capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
@@ -146,7 +151,7 @@ class EASGDFabricStrategy(DDPStrategy):
         **kwargs: Any,
     ) -> None:
         owner = type(self).__name__
-        worker_ddp_options(kwargs, owner, grouped=ranks_per_worker != 1, groups_supported=False)
+        self._worker_ddp_kwargs = worker_ddp_options(kwargs, owner, grouped=ranks_per_worker != 1)
         options = ExchangeOptions.validated(
             owner=owner, tau=tau, alpha=alpha, beta=beta, overlap=overlap, bucket_cap_mb=bucket_cap_mb,
             save_worker_states=save_worker_states, on_nonfinite=on_nonfinite, ranks_per_worker=ranks_per_worker,
@@ -154,12 +159,6 @@ class EASGDFabricStrategy(DDPStrategy):
             center_nesterov=center_nesterov, warmup_steps=warmup_steps, warmup_tau=warmup_tau, timeout=timeout,
             start_method=start_method,
         )
-        if options.ranks_per_worker != 1:
-            raise ValueError(
-                f"{owner} does not support ranks_per_worker={ranks_per_worker!r} yet: worker groups are supported by "
-                "the Trainer strategy (EASGDStrategy) and not yet by Fabric; use ranks_per_worker=1 (every rank is a "
-                "worker)"
-            )
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -178,10 +177,12 @@ class EASGDFabricStrategy(DDPStrategy):
         self.bucket_cap_mb = options.bucket_cap_mb
         self.save_worker_states = options.save_worker_states
         self.on_nonfinite: NonFinitePolicy = options.on_nonfinite
-        self._backward_sync_control = _NoGradientSync()
+        self._backward_sync_control = _WorkerGradientSync()
+        self._topology: WorkerTopology | None = None
         self._files = WorkerFiles(self)
         self._averager: ElasticAverager | None = None
         self._module: Module | None = None
+        self._wrapped: Module | None = None  # what setup_module returned: the module, or its DDP in a worker group
         self._optimizers: list[Optimizer] = []
         self._state_keys: dict[str, int] = {}  # state_dict key -> index of the averaged tensor it names
         self._hook: RemovableHandle | None = None
@@ -197,6 +198,35 @@ class EASGDFabricStrategy(DDPStrategy):
         return self._averager
 
     @property
+    def ranks_per_worker(self) -> int | str:
+        """k, the ranks of one worker: an int after setup (``"node"`` resolves to the processes per node)."""
+        return self._topology.ranks_per_worker if self._topology is not None else self._options.ranks_per_worker
+
+    @property
+    def num_workers(self) -> int:
+        """p, the number of EASGD workers (world size / ranks per worker)."""
+        return self.world_size // self._resolve_ranks_per_worker()
+
+    @property
+    def worker_index(self) -> int:
+        """g, this rank's worker (global rank // ranks per worker)."""
+        return self.global_rank // self._resolve_ranks_per_worker()
+
+    @property
+    def rank_in_worker(self) -> int:
+        """j, this rank's place in its worker; it owns slice j of the center."""
+        return self.global_rank % self._resolve_ranks_per_worker()
+
+    @property
+    def worker_group(self) -> dist.ProcessGroup | None:
+        """The process group of this rank's worker after setup (None with one rank per worker)."""
+        return self._topology.worker_group if self._topology is not None else None
+
+    def _resolve_ranks_per_worker(self) -> int:
+        k = self._options.ranks_per_worker
+        return self.num_processes if k == "node" else int(k)
+
+    @property
     def alpha(self) -> float | None:
         """The moving rate in use (resolved from β and the world size at setup when not given)."""
         return self._averager.alpha if self._averager is not None else self._alpha
@@ -205,37 +235,55 @@ class EASGDFabricStrategy(DDPStrategy):
 
     @override
     def setup_module(self, module: Module) -> Module:
-        """Broadcast rank 0's weights, start the exchange over the module's tensors; the module is not wrapped."""
+        """Broadcast rank 0's weights and start the exchange over the module's tensors. The module is wrapped in
+        DistributedDataParallel on its worker's process group with worker groups, and not wrapped otherwise."""
         if self._module is not None:
             raise ValueError(
                 f"{type(self).__name__} trains one model per run, and fabric.setup() was already called with a "
                 f"{type(self._module).__name__}; EASGD averages that model's weights with its center."
             )
-        if self.world_size < 2:
+        options = self._options
+        check_device([*module.named_parameters(), *module.named_buffers()], self.root_device)
+        topology = worker_topology(self._resolve_ranks_per_worker(), self.world_size, self.global_rank,
+                                   timeout=self._timeout)
+        refuse_unused_worker_ddp_options(self._worker_ddp_kwargs, options.ranks_per_worker,
+                                         grouped=topology.worker_group is not None)
+        self._topology = topology
+        p = topology.num_workers
+        if p < 2:
             rank_zero_warn(
                 f"{type(self).__name__} is running with a single worker: EASGD needs at least 2 workers to average; "
-                "the elastic pull still runs, without any communication."
+                "the elastic pull still runs, without any communication between workers."
             )
-        options = self._options
-        alpha, warning = resolve_alpha(options.alpha, options.beta, self.world_size)
+        alpha, warning = resolve_alpha(options.alpha, options.beta, p)
         if options.center_momentum:  # momentum moves the overshoot threshold (and the divergence bound)
-            warning = check_center_momentum(self.world_size * alpha, options.center_momentum, options.center_nesterov)
+            warning = check_center_momentum(p * alpha, options.center_momentum, options.center_nesterov)
         if warning:
             rank_zero_warn(warning)
-        check_device([*module.named_parameters(), *module.named_buffers()], self.root_device)
-        elastic, self._state_keys = elastic_tensors(module, options.bucket_cap_mb)
+        elastic, self._state_keys = elastic_tensors(module, options.bucket_cap_mb)  # collective: rank 0's values
+        grouped = topology.worker_group is not None
+        buffers = {id(t) for _, t in module.named_buffers()}
         self._averager = ElasticAverager(
-            elastic, tau=options.tau, alpha=alpha, bucket_cap_mb=options.bucket_cap_mb, overlap=options.overlap,
-            on_nonfinite=options.on_nonfinite, timeout=self._timeout, center_device=options.center_device,
+            elastic, tau=options.tau, alpha=alpha, group=topology.column_group, bucket_cap_mb=options.bucket_cap_mb,
+            overlap=options.overlap, on_nonfinite=options.on_nonfinite, timeout=self._timeout,
+            worker_group=topology.worker_group, center_device=options.center_device,
             exchange_dtype=options.exchange_dtype, center_momentum=options.center_momentum,
             center_nesterov=options.center_nesterov, warmup_steps=options.warmup_steps,
             warmup_tau=options.warmup_tau,
+            follow_first_rank=tuple(key for key, t in elastic if id(t) in buffers) if grouped else (),
         )
         self._module = module
         self._hook = module.register_forward_pre_hook(self._open_step_on_forward)
-        log.debug("EASGD: %d workers, tau=%d, alpha=%g, %d tensors of %d bytes in %d buckets", self.world_size,
-                  self.tau, alpha, len(elastic), self._averager.layout.nbytes, len(self._averager.layout.buckets))
-        return module
+        log.debug("EASGD: %d workers of %d ranks, tau=%d, alpha=%g, %d tensors of %d bytes in %d buckets", p,
+                  topology.ranks_per_worker, self.tau, alpha, len(elastic), self._averager.layout.nbytes,
+                  len(self._averager.layout.buckets))
+        if grouped:
+            # Inside a worker, gradients are averaged every step by DDP on the worker's own process group.
+            self._ddp_kwargs = {"process_group": topology.worker_group, **self._worker_ddp_kwargs}
+            self._wrapped = super().setup_module(module)
+        else:
+            self._wrapped = module
+        return self._wrapped
 
     @override
     def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
@@ -277,12 +325,12 @@ class EASGDFabricStrategy(DDPStrategy):
         finally:
             self._step, self._exchange_in_flight = None, False
         assert self._averager is not None
-        for t, ranks in self._averager.pop_resets():
+        for t, ranks in self._averager.pop_resets():  # worker indices
             rank_zero_warn(
                 f"EASGD: worker(s) {', '.join(map(str, ranks))} had non-finite weights at optimizer step {t}; their "
                 "contribution was dropped and they were reset to the center with empty optimizer state."
             )
-            if self.global_rank in ranks:
+            if self.worker_index in ranks:
                 for opt in self._optimizers:
                     opt.state.clear()
         return output
@@ -329,13 +377,17 @@ class EASGDFabricStrategy(DDPStrategy):
                 "training forward pass and completes at optimizer.step(). Call it between optimizer steps."
             )
 
+    def _is_set_up(self, obj: object) -> bool:
+        """Whether ``obj`` is the set-up model (Fabric hands the strategy the DDP wrapper in a worker group)."""
+        return self._module is not None and (obj is self._module or obj is self._wrapped)
+
     # ------------------------------------------------------------------ checkpoints
 
     @override
     def get_module_state_dict(self, module: Module) -> dict[str, Any]:
         """The set-up model's state with the center's values, whatever the model holds right now."""
         state = super().get_module_state_dict(module)
-        if module is not self._module or self._averager is None:
+        if not self._is_set_up(module) or self._averager is None:
             return state
         return center_state(state, self._state_keys, self._averager.center_values(), self.is_global_zero)
 
@@ -355,7 +407,7 @@ class EASGDFabricStrategy(DDPStrategy):
             return
         if CHECKPOINT_KEY in state:
             raise ValueError(f"fabric.save(): the state key {CHECKPOINT_KEY!r} is reserved for EASGD's metadata")
-        if not any(obj is self._module for obj in state.values()):
+        if not any(self._is_set_up(obj) for obj in state.values()):
             raise ValueError(
                 f"fabric.save(): the state ({', '.join(map(repr, state))}) has no entry holding the model set up "
                 "with EASGD; its entry carries the center, so include it (e.g. state={'model': model, ...})"
@@ -364,54 +416,56 @@ class EASGDFabricStrategy(DDPStrategy):
         section: dict[str, Any] = {
             "format": CHECKPOINT_FORMAT,
             "world_size": self.world_size,
-            "num_workers": self.world_size,
-            "ranks_per_worker": 1,
+            "num_workers": self.num_workers,
+            "ranks_per_worker": self.ranks_per_worker,
             "tau": self.tau,
             "alpha": averager.alpha,
             "clock": averager.clock,
         }
-        velocity = averager.center_velocity()
+        velocity = averager.center_velocity()  # collective within a worker group, like the center
         if velocity is not None:  # identical on every rank, like the center: it travels in the checkpoint file
-            section["center_velocity"] = {k: v.detach().to("cpu", copy=True) for k, v in velocity.items()}
+            section["center_velocity"] = {k: _to_cpu(v) if self.is_global_zero else v for k, v in velocity.items()}
         save_id = None
         if self.save_worker_states:
             save_id = self._files.new_save_id(averager.clock)
-            self._files.write(path, save_id, self.global_rank, partial(self._worker_state, save_id), storage_options)
+            self._files.write(path, save_id, self.worker_index, partial(self._worker_state, save_id), storage_options)
             section["save_id"] = save_id
-            section["worker_files"] = [worker_file_name(path, save_id, g) for g in range(self.world_size)]
+            section["worker_files"] = [worker_file_name(path, save_id, g) for g in range(self.num_workers)]
         super().save_checkpoint(path, {**state, CHECKPOINT_KEY: section}, storage_options, filter)
         self._files.prune(path, save_id)
 
-    def _worker_state(self, save_id: str) -> dict[str, Any]:
-        assert self._averager is not None and self._module is not None
+    def _worker_state(self, save_id: str) -> dict[str, Any] | None:
+        """This worker's file (on its first rank; None on its other ranks, which send it their RNG states)."""
+        assert self._averager is not None and self._module is not None and self._topology is not None
+        rngs = gather_in_worker(capture_rng_state(), self._topology.worker_group, self.rank_in_worker,
+                                self._topology.ranks_per_worker)
+        if rngs is None:
+            return None
         local = state_with(self._module.state_dict(), self._state_keys, self._averager.local_values())
-
-        def to_cpu(t: Tensor) -> Tensor:
-            return t.detach().to("cpu", copy=True)
-
         return {
             "format": CHECKPOINT_FORMAT,
             "save_id": save_id,
-            "worker": self.global_rank,
-            "num_workers": self.world_size,
-            "ranks_per_worker": 1,
-            "state_dict": apply_to_collection(local, Tensor, to_cpu),
-            "optimizer_states": [apply_to_collection(opt.state_dict(), Tensor, to_cpu) for opt in self._optimizers],
-            "rng": [capture_rng_state()],
+            "worker": self.worker_index,
+            "num_workers": self.num_workers,
+            "ranks_per_worker": self._topology.ranks_per_worker,
+            "state_dict": _to_cpu(local),
+            "optimizer_states": [_to_cpu(opt.state_dict()) for opt in self._optimizers],
+            "rng": rngs,
         }
 
     @override
     def load_module_state_dict(self, module: Module, state_dict: dict[str, Any], strict: bool = True) -> None:
         """Loading weights into the set-up model moves the center and this worker there (every rank loads the same
         file, so the center stays identical everywhere)."""
-        if module is not self._module or self._averager is None:
+        if not self._is_set_up(module) or self._averager is None:
             super().load_module_state_dict(module, state_dict, strict)
             return
         if self._averager.center_in_use:
             raise RuntimeError("cannot load weights into the model inside `with fabric.strategy.center():`")
         self._refuse_in_flight("loading the model's weights")
         super().load_module_state_dict(module, state_dict, strict)
-        current = module.state_dict()
+        assert self._module is not None
+        current = self._module.state_dict()
         center = {name: current[name] for name in self._averager.names}
         self._averager.load_state_dict({"clock": self._averager.clock, "center": center})
 
@@ -431,7 +485,7 @@ class EASGDFabricStrategy(DDPStrategy):
             raise RuntimeError("fabric.load() was called between a training forward pass and optimizer.step()")
         remainder = super().load_checkpoint(path, state, strict, weights_only)
         section = remainder.pop(CHECKPOINT_KEY, None)
-        if section is None or not any(obj is self._module for obj in state.values()):
+        if section is None or not any(self._is_set_up(obj) for obj in state.values()):
             return remainder
         section = check_section(path, section, formats=(CHECKPOINT_FORMAT,))
         self._averager.clock = int(section["clock"])
@@ -445,13 +499,16 @@ class EASGDFabricStrategy(DDPStrategy):
         if section.get("worker_files") is None:
             rank_zero_warn(
                 f"EASGD resume: the checkpoint holds no worker states (saved with save_worker_states=False); all "
-                f"{self.world_size} workers start from the center."
+                f"{self.num_workers} workers start from the center."
             )
             return
-        saved_p = int(section["num_workers"])
-        if saved_p != self.world_size:
-            rank_zero_warn(describe_resize(saved_p, self.world_size, self._averager.alpha))
-        mine = self._files.read(path, section, self.global_rank)  # collective: all ranks agree on failures
+        saved_p, saved_k = int(section["num_workers"]), int(section["ranks_per_worker"])
+        p, k = self.num_workers, self._resolve_ranks_per_worker()
+        if saved_p != p:
+            rank_zero_warn(describe_resize(saved_p, p, self._averager.alpha))
+        if k > saved_k:
+            rank_zero_warn(describe_more_ranks(saved_k, k))
+        mine = self._files.read(path, section, self.worker_index)  # collective: all ranks agree on failures
         if mine is None:
             # A new worker keeps the optimizers' hyperparameters (rank 0's, from the main file) but no
             # per-parameter state: momentum belongs to another worker's trajectory.
@@ -460,14 +517,16 @@ class EASGDFabricStrategy(DDPStrategy):
             return
         if len(mine["optimizer_states"]) != len(self._optimizers):
             raise ValueError(
-                f"{path}: worker {self.global_rank}'s file holds {len(mine['optimizer_states'])} optimizer states, "
+                f"{path}: worker {self.worker_index}'s file holds {len(mine['optimizer_states'])} optimizer states, "
                 f"but {len(self._optimizers)} optimizers are set up"
             )
         self._module.load_state_dict(mine["state_dict"])  # the local weights; the center is untouched
         for opt, saved in zip(self._optimizers, mine["optimizer_states"]):
             if opt in optimizers:
                 opt.load_state_dict(saved)
-        restore_rng_state(mine["rng"][0])
+        rngs, j = mine["rng"], self.rank_in_worker
+        if j < len(rngs):  # else: a rank the saved worker did not have keeps its seeded generators (warned)
+            restore_rng_state(rngs[j])
 
     # ------------------------------------------------------------------ registration
 
@@ -486,10 +545,17 @@ class EASGDFabricStrategy(DDPStrategy):
             )
 
 
-class _NoGradientSync(_BackwardSyncControl):
-    """``fabric.no_backward_sync(model)`` is a no-op: EASGD never synchronises gradients, so loops written for DDP
-    (skipping the sync on accumulation steps) run unchanged."""
+def _to_cpu(value: Any) -> Any:
+    return apply_to_collection(value, Tensor, lambda t: t.detach().to("cpu", copy=True))
+
+
+class _WorkerGradientSync(_BackwardSyncControl):
+    """``fabric.no_backward_sync(model)``: with worker groups, DDP's ``no_sync`` inside the worker; with one rank
+    per worker a no-op (EASGD never synchronises gradients between workers), so loops written for DDP (skipping
+    the sync on accumulation steps) run unchanged."""
 
     @override
     def no_backward_sync(self, module: Module, enabled: bool) -> AbstractContextManager:
+        if enabled and isinstance(module, DistributedDataParallel):
+            return module.no_sync()
         return nullcontext()

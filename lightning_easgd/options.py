@@ -149,15 +149,13 @@ class ExchangeOptions:
         )
 
 
-def worker_ddp_options(kwargs: Mapping[str, Any], owner: str, grouped: bool, groups_supported: bool = True
-                       ) -> dict[str, Any]:
+def worker_ddp_options(kwargs: Mapping[str, Any], owner: str, grouped: bool) -> dict[str, Any]:
     """The DistributedDataParallel options for the DDP inside a worker group; refuse every other DDP option.
 
     Args:
         kwargs: the keyword arguments the adapter did not name (a ``DDPStrategy`` would accept them).
         owner: the adapter's class name, for the messages.
         grouped: whether ``ranks_per_worker`` asks for worker groups (not 1).
-        groups_supported: whether the adapter has worker groups at all (else no DDP option is accepted).
 
     Raises:
         ValueError: for DDP communication hooks, ``model_averaging_period`` and DistributedDataParallel's own
@@ -169,13 +167,10 @@ def worker_ddp_options(kwargs: Mapping[str, Any], owner: str, grouped: bool, gro
         if name in _DDP_COMM_OPTIONS:
             raise ValueError(f"{owner} does not accept {name}={kwargs[name]!r}: {_DDP_COMM_OPTIONS[name]}.")
         if name in _DDP_WRAPPER_OPTIONS:
-            if groups_supported and grouped and name in WORKER_DDP_OPTIONS:
+            if grouped and name in WORKER_DDP_OPTIONS:
                 accepted[name] = kwargs[name]
                 continue
-            if not groups_supported:
-                why = ("and EASGD never wraps the model in DistributedDataParallel (workers train independently "
-                       "between exchanges).")
-            elif not grouped:
+            if not grouped:
                 why = ("and with one rank per worker EASGD never wraps the model in DistributedDataParallel (workers "
                        "train independently between exchanges); with ranks_per_worker > 1, "
                        f"{', '.join(sorted(WORKER_DDP_OPTIONS))} configure the DDP inside each worker.")
@@ -189,3 +184,19 @@ def worker_ddp_options(kwargs: Mapping[str, Any], owner: str, grouped: bool, gro
     if unknown:
         raise TypeError(f"{owner} got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
     return accepted
+
+
+def refuse_unused_worker_ddp_options(ddp_kwargs: Mapping[str, Any], ranks_per_worker: int | str, grouped: bool
+                                     ) -> None:
+    """Refuse DDP options (accepted for worker groups) when the resolved topology has one rank per worker
+    (``ranks_per_worker="node"`` with one process per node), rather than ignore them.
+
+    Raises:
+        ValueError: naming the options and ``ranks_per_worker``.
+    """
+    if ddp_kwargs and not grouped:
+        raise ValueError(
+            f"{', '.join(f'{k}={v!r}' for k, v in ddp_kwargs.items())} configure the DDP inside a "
+            f"worker group, but ranks_per_worker={ranks_per_worker!r} gives one rank per worker here, and "
+            "such a worker is not wrapped in DistributedDataParallel; remove them"
+        )

@@ -49,7 +49,12 @@ from lightning_easgd.core.topology import WorkerTopology, worker_topology
 from lightning_easgd.core.worker import ElasticWorker, NonFinitePolicy
 from lightning_easgd.guards import PerStepSyncGuard, refuse_weight_averaging
 from lightning_easgd.module_state import elastic_tensors
-from lightning_easgd.options import ExchangeOptions, Unsupported, worker_ddp_options
+from lightning_easgd.options import (
+    ExchangeOptions,
+    Unsupported,
+    refuse_unused_worker_ddp_options,
+    worker_ddp_options,
+)
 
 log = logging.getLogger(__name__)
 
@@ -331,12 +336,8 @@ class EASGDStrategy(DDPStrategy):
         check_device([*module.named_parameters(), *module.named_buffers()], self.root_device)
         self._topology = worker_topology(self._resolve_ranks_per_worker(), self.world_size, self.global_rank,
                                          timeout=self._timeout)
-        if self._worker_ddp_kwargs and self._topology.worker_group is None:
-            raise ValueError(
-                f"{', '.join(f'{k}={v!r}' for k, v in self._worker_ddp_kwargs.items())} configure the DDP inside a "
-                f"worker group, but ranks_per_worker={self._ranks_per_worker!r} gives one rank per worker here, and "
-                "such a worker is not wrapped in DistributedDataParallel; remove them"
-            )
+        refuse_unused_worker_ddp_options(self._worker_ddp_kwargs, self._ranks_per_worker,
+                                         grouped=self._topology.worker_group is not None)
         p = self._topology.num_workers
         if p < 2:
             rank_zero_warn(

@@ -40,7 +40,9 @@ def run(p: int, strategy: EASGDFabricStrategy, out: Path, module: ToyRegressor, 
 
 def _loop(fabric: Fabric, module: ToyRegressor, dataset: TensorDataset, out: Path, *, epochs: int,
           batch_size: int, first_epoch: int = 0, closure: bool = False, accumulate: int = 1, load: Path | None = None,
-          save: Path | None = None, probe_center: bool = False) -> None:
+          save: Path | None = None, probe_center: bool = False, rank_seed: int | None = None) -> None:
+    if rank_seed is not None:  # forked ranks inherit one RNG state; this gives each its own (dropout)
+        torch.manual_seed(rank_seed + fabric.global_rank)
     model, optimizer = fabric.setup(module, module.configure_optimizers())
     loader = fabric.setup_dataloaders(DataLoader(dataset, batch_size=batch_size, shuffle=True))
     strategy = fabric.strategy
@@ -95,6 +97,7 @@ def _loop(fabric: Fabric, module: ToyRegressor, dataset: TensorDataset, out: Pat
         velocity={k: v.clone() for k, v in (averager.center_velocity() or {}).items()},
         alpha=averager.alpha,
         buckets=len(averager.layout.buckets),
+        topology=(strategy.num_workers, strategy.ranks_per_worker, strategy.worker_index, strategy.rank_in_worker),
         wrapped=type(model._forward_module).__name__,
         exchange=(averager.bytes_per_exchange, averager.device_buffer_bytes < averager.buffer_bytes,
                   strategy.overlap),
@@ -183,16 +186,8 @@ def test_ddp_options_are_refused() -> None:
         EASGDFabricStrategy(model_averaging_period=4)
     with pytest.raises(TypeError, match="unexpected keyword argument.*: taux"):
         EASGDFabricStrategy(taux=3)
-    with pytest.raises(ValueError, match="find_unused_parameters=True: it is an option of DistributedDataParallel, "
-                                         "and EASGD never wraps"):
-        EASGDFabricStrategy(ranks_per_worker=2, find_unused_parameters=True)
-
-
-@pytest.mark.parametrize("k", [2, "node"])
-def test_worker_groups_are_refused_until_fabric_has_them(k: int | str) -> None:
-    with pytest.raises(ValueError, match=rf"EASGDFabricStrategy does not support ranks_per_worker={k!r} yet: worker "
-                                         "groups are supported by the Trainer strategy"):
-        EASGDFabricStrategy(ranks_per_worker=k)
+    with pytest.raises(ValueError, match=r"broadcast_buffers=False: .* inside a worker group the strategy sets it"):
+        EASGDFabricStrategy(ranks_per_worker=2, broadcast_buffers=False)
 
 
 def test_defaults_are_the_trainer_strategys() -> None:
@@ -307,6 +302,52 @@ def test_host_center_and_bf16_exchange_match_replay(tmp_path: Path, options: dic
     if wire is not None:  # the bf16 rounding of d_i is visible: the full-precision replay is elsewhere
         full = replay_easgd(init, dataset, p=2, tau=2, alpha=0.45, epochs=2, batch_size=4, seed=SEED)
         assert (records[0]["center"]["net.0.weight"] - full.center["net.0.weight"]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize(("tau", "batch_size", "accumulate"), [(2, 2, 1), (1, 2, 2)])
+def test_worker_groups_match_replay(tmp_path: Path, tau: int, batch_size: int, accumulate: int) -> None:
+    """2 workers of 2 ranks: DDP on each worker's own process group averages its ranks' gradients every step
+    (``fabric.no_backward_sync`` skips that on accumulation micro-batches), the exchange runs between the workers."""
+    module, init = twins(ToyRegressor, 11, lr=0.1, weight_decay=1e-3, momentum=0.9, nesterov=True)
+    dataset = make_dataset(48)
+    strategy = EASGDFabricStrategy(tau=tau, ranks_per_worker=2, start_method="fork")
+    records = run(4, strategy, tmp_path, module, dataset, epochs=2, batch_size=batch_size, accumulate=accumulate)
+    expected = replay_easgd(init, dataset, p=2, tau=tau, alpha=0.45, epochs=2, batch_size=batch_size, seed=SEED,
+                            ranks_per_worker=2, accumulate=accumulate)
+    assert len(expected.exchanges) >= 3
+    for rank, rec in enumerate(records):
+        assert rec["wrapped"] == "DistributedDataParallel"
+        assert rec["topology"] == (2, 2, rank // 2, rank % 2)
+        assert rec["alpha"] == pytest.approx(0.45)
+        assert_close(rec["local"], expected.workers[rank // 2], ATOL, f"rank {rank} (worker {rank // 2})")
+        assert_close(rec["center"], expected.center, ATOL, f"rank {rank} center")
+    assert not torch.equal(records[0]["local"]["net.0.weight"], records[2]["local"]["net.0.weight"])
+
+
+def test_worker_groups_save_and_resume_exactly(tmp_path: Path, warnings_: Any) -> None:
+    """2 workers of 2 ranks: one file per worker, written by its first rank with both ranks' RNG states; resuming
+    reproduces the uninterrupted run (dropout: every rank's own generator matters)."""
+    dataset = make_dataset(48, dtype=torch.float32)
+    torch.manual_seed(14)
+    init = _resume_model().state_dict()
+    straight = _resume_model()
+    straight.load_state_dict(init)
+    ckpt = tmp_path / "ckpt"
+    full = run(4, EASGDFabricStrategy(tau=2, ranks_per_worker=2, start_method="fork"), tmp_path / "full", straight,
+               dataset, epochs=2, batch_size=2, save=ckpt, rank_seed=100)
+    section = torch.load(ckpt / "epoch=0.ckpt", weights_only=True)["easgd"]
+    assert section["num_workers"] == 2 and section["ranks_per_worker"] == 2 and len(section["worker_files"]) == 2
+    for g in range(2):
+        mine = torch.load(ckpt / section["worker_files"][g], weights_only=True)
+        assert mine["worker"] == g and len(mine["rng"]) == 2
+        assert not torch.equal(mine["rng"][0]["torch"], mine["rng"][1]["torch"]), "each rank's own generator"
+    second = run(4, EASGDFabricStrategy(tau=2, ranks_per_worker=2, start_method="fork"), tmp_path / "second",
+                 _resume_model(), dataset, epochs=2, batch_size=2, first_epoch=1, load=ckpt / "epoch=0.ckpt",
+                 rank_seed=200)
+    for rank in range(4):
+        assert_close(second[rank]["local"], full[rank]["local"], 1e-6, f"rank {rank} after resume")
+        assert_close(second[rank]["center"], full[rank]["center"], 1e-6, "center after resume")
+    assert not torch.equal(full[0]["local"]["net.0.weight"], full[2]["local"]["net.0.weight"])
 
 
 def test_gradient_accumulation(tmp_path: Path) -> None:
