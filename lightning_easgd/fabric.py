@@ -3,8 +3,9 @@
 The Fabric twin of :class:`~lightning_easgd.EASGDStrategy`, over the same core
 (:class:`~lightning_easgd.core.ElasticAverager`). It subclasses Fabric's
 :class:`~lightning.fabric.strategies.DDPStrategy` for the launchers, cluster environments, process-group setup and
-the DistributedSampler, and never wraps the module in DistributedDataParallel: between exchanges nothing is
-communicated.
+the DistributedSampler. With one rank per worker it never wraps the module in DistributedDataParallel, so between
+exchanges nothing is communicated; with worker groups it wraps it in DistributedDataParallel on the worker's own
+process group only.
 
 Where the exchange happens in a Fabric loop (``forward → fabric.backward → optimizer.step``): the strategy opens
 the step at the step's first training forward pass (module in training mode, autograd on), and measures d_i = x_i − x̃
@@ -105,8 +106,9 @@ class EASGDFabricStrategy(DDPStrategy):
             :class:`~lightning_easgd.core.NonFiniteWorkerError` naming the workers and the step. ``"reset"``: the
             diverged workers' contributions are dropped, they restart from the center with empty optimizer state,
             and a warning names them.
-        ranks_per_worker: only 1 (every rank is a worker): worker groups are supported by
-            :class:`~lightning_easgd.EASGDStrategy` and not yet here; other values are refused.
+        ranks_per_worker: k, the ranks that form one EASGD worker, or ``"node"``; as for
+            :class:`~lightning_easgd.EASGDStrategy`. With k > 1 ``fabric.setup`` wraps the model in
+            DistributedDataParallel on the worker's process group, and ``fabric.no_backward_sync`` is its ``no_sync``.
         center_device, exchange_dtype, center_momentum, center_nesterov, warmup_steps, warmup_tau: as for
             :class:`~lightning_easgd.EASGDStrategy` (a host-resident center, a bfloat16 exchange, momentum on the
             center, whose velocity travels in ``fabric.save`` checkpoints, and a warm-up exchange schedule).
@@ -114,11 +116,14 @@ class EASGDFabricStrategy(DDPStrategy):
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision, process_group_backend,
         start_method: as for :class:`~lightning.fabric.strategies.DDPStrategy`; ``checkpoint_io`` defaults to
             :class:`~lightning_easgd.checkpoint_io.AtomicCheckpointIO`.
+        **kwargs: with ``ranks_per_worker`` > 1, ``find_unused_parameters``, ``gradient_as_bucket_view`` and
+            ``static_graph`` are passed to the DistributedDataParallel inside each worker.
 
     Raises:
         ValueError: for an invalid option (same checks and messages as :class:`~lightning_easgd.EASGDStrategy`:
-            :meth:`~lightning_easgd.options.ExchangeOptions.validated`), ``ranks_per_worker`` other than 1, and
-            options of DistributedDataParallel, which EASGD does not use here.
+            :meth:`~lightning_easgd.options.ExchangeOptions.validated`), and options of DistributedDataParallel
+            other than those the DDP inside a worker group takes. At setup: a world size that ``ranks_per_worker``
+            does not divide.
         TypeError: for any other unknown keyword argument.
     """
 

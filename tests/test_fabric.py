@@ -311,7 +311,8 @@ def test_worker_groups_match_replay(tmp_path: Path, tau: int, batch_size: int, a
     module, init = twins(ToyRegressor, 11, lr=0.1, weight_decay=1e-3, momentum=0.9, nesterov=True)
     dataset = make_dataset(48)
     strategy = EASGDFabricStrategy(tau=tau, ranks_per_worker=2, start_method="fork")
-    records = run(4, strategy, tmp_path, module, dataset, epochs=2, batch_size=batch_size, accumulate=accumulate)
+    records = run(4, strategy, tmp_path, module, dataset, epochs=2, batch_size=batch_size, accumulate=accumulate,
+                  probe_center=True)
     expected = replay_easgd(init, dataset, p=2, tau=tau, alpha=0.45, epochs=2, batch_size=batch_size, seed=SEED,
                             ranks_per_worker=2, accumulate=accumulate)
     assert len(expected.exchanges) >= 3
@@ -321,6 +322,11 @@ def test_worker_groups_match_replay(tmp_path: Path, tau: int, batch_size: int, a
         assert rec["alpha"] == pytest.approx(0.45)
         assert_close(rec["local"], expected.workers[rank // 2], ATOL, f"rank {rank} (worker {rank // 2})")
         assert_close(rec["center"], expected.center, ATOL, f"rank {rank} center")
+        # center() and adopt_center() with a sharded center: the full center in, the local weights back exactly.
+        assert_close(rec["seen"], expected.center, ATOL, f"rank {rank} weights inside center()")
+        assert_close(rec["restored"], rec["local"], 0.0, f"rank {rank} after center()")
+        assert rec["same_objects"] and rec["still_same_objects"] and rec["optim_untouched"]
+        assert_close(rec["adopted"], expected.center, ATOL, f"rank {rank} after adopt_center()")
     assert not torch.equal(records[0]["local"]["net.0.weight"], records[2]["local"]["net.0.weight"])
 
 
