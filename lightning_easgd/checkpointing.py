@@ -19,6 +19,10 @@ leaves a checkpoint file whose worker files exist. Checkpoints are written to a 
 Lightning assumes for DDP.
 
 Format 1 (lightning-easgd 0.1) kept every worker inside the checkpoint file; it is still read.
+
+The worker files themselves (:class:`WorkerFiles`) and the section's checks do not depend on the adapter: the Fabric
+strategy writes the same layout and the same section fields under its ``fabric.save`` entry ``"easgd"``.
+:class:`WorkerCheckpoints` is the Trainer strategy's use of them.
 """
 
 from __future__ import annotations
@@ -41,8 +45,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
-from lightning_easgd.module_state import state_with
 from lightning_easgd.core.worker import ElasticWorker
+from lightning_easgd.module_state import state_with
 from lightning_easgd.rng import capture_rng_state, restore_rng_state
 
 if TYPE_CHECKING:
@@ -241,6 +245,37 @@ class WorkerFiles:
             self._ranks.checkpoint_io.remove_checkpoint(worker_files_dir(filepath))
 
 
+def worker_file_state(
+    *,
+    save_id: str,
+    worker: int,
+    num_workers: int,
+    ranks_per_worker: int,
+    worker_group: dist.ProcessGroup | None,
+    rank_in_worker: int,
+    module_state: dict[str, Any],
+    keys: Mapping[str, int],
+    local: Sequence[Tensor],
+    optimizer_states: Sequence[Any],
+) -> dict[str, Any] | None:
+    """The content of a worker file, in host memory, on the worker's writer (its first rank); None on its other ranks.
+    Collective within a worker group (the RNG states of its ranks travel to the writer); every rank passes its
+    ``local`` values, which with the center swapped in are themselves gathered within the worker."""
+    rngs = gather_in_worker(capture_rng_state(), worker_group, rank_in_worker, ranks_per_worker)
+    if rngs is None:
+        return None
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "save_id": save_id,
+        "worker": worker,
+        "num_workers": num_workers,
+        "ranks_per_worker": ranks_per_worker,
+        "state_dict": _to_cpu(state_with(module_state, keys, local)),
+        "optimizer_states": [_to_cpu(s) for s in optimizer_states],
+        "rng": rngs,
+    }
+
+
 def gather_in_worker(obj: Any, worker_group: dist.ProcessGroup | None, rank_in_worker: int, ranks_per_worker: int
                      ) -> list[Any] | None:
     """``obj`` of every rank of this rank's worker, in rank order, on its writer (its first rank; None on the others).
@@ -342,27 +377,14 @@ class WorkerCheckpoints:
     def _worker_state(self, checkpoint: dict[str, Any], save_id: str) -> dict[str, Any] | None:
         """This worker's file (on its writer; None on its other ranks, which send the writer their RNG states)."""
         strategy = self._strategy
-        rngs = gather_in_worker(capture_rng_state(), strategy.worker_group, strategy.rank_in_worker,
-                                strategy.ranks_per_worker)
-        if rngs is None:
-            return None
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "save_id": save_id,
-            "worker": strategy.worker_index,
-            "num_workers": strategy.num_workers,
-            "ranks_per_worker": strategy.ranks_per_worker,
-            "state_dict": self._local_state_dict(),
-            "optimizer_states": [_to_cpu(s) for s in checkpoint["optimizer_states"]],
-            "rng": rngs,
-        }
-
-    def _local_state_dict(self) -> dict[str, Tensor]:
-        strategy = self._strategy
         assert strategy.averager is not None and strategy.lightning_module is not None
-        state = state_with(strategy.lightning_module.state_dict(), strategy._state_keys,
-                           strategy.averager.local_values())
-        return {key: value.detach().to("cpu", copy=True) for key, value in state.items()}
+        return worker_file_state(
+            save_id=save_id, worker=strategy.worker_index, num_workers=strategy.num_workers,
+            ranks_per_worker=strategy.ranks_per_worker, worker_group=strategy.worker_group,
+            rank_in_worker=strategy.rank_in_worker, module_state=strategy.lightning_module.state_dict(),
+            keys=strategy._state_keys, local=strategy.averager.local_values(),
+            optimizer_states=checkpoint["optimizer_states"],
+        )
 
     def after_save(self) -> None:
         """Remove the worker files of earlier saves to the same path, now that the checkpoint file names the new

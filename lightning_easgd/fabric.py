@@ -52,18 +52,18 @@ from lightning_easgd.checkpointing import (
     check_section,
     describe_more_ranks,
     describe_resize,
-    gather_in_worker,
     resume_center_velocity,
     worker_file_name,
+    worker_file_state,
 )
 from lightning_easgd.core import DEFAULT_BETA, ElasticAverager, resolve_alpha
 from lightning_easgd.core.buckets import check_device
 from lightning_easgd.core.center_momentum import check_center_momentum
 from lightning_easgd.core.worker import NonFinitePolicy
-from lightning_easgd.module_state import elastic_tensors, state_with
+from lightning_easgd.module_state import elastic_tensors
 from lightning_easgd.core.topology import WorkerTopology, worker_topology
 from lightning_easgd.options import ExchangeOptions, refuse_unused_worker_ddp_options, worker_ddp_options
-from lightning_easgd.rng import capture_rng_state, restore_rng_state
+from lightning_easgd.rng import restore_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -442,21 +442,12 @@ class EASGDFabricStrategy(DDPStrategy):
     def _worker_state(self, save_id: str) -> dict[str, Any] | None:
         """This worker's file (on its first rank; None on its other ranks, which send it their RNG states)."""
         assert self._averager is not None and self._module is not None and self._topology is not None
-        rngs = gather_in_worker(capture_rng_state(), self._topology.worker_group, self.rank_in_worker,
-                                self._topology.ranks_per_worker)
-        if rngs is None:
-            return None
-        local = state_with(self._module.state_dict(), self._state_keys, self._averager.local_values())
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "save_id": save_id,
-            "worker": self.worker_index,
-            "num_workers": self.num_workers,
-            "ranks_per_worker": self._topology.ranks_per_worker,
-            "state_dict": _to_cpu(local),
-            "optimizer_states": [_to_cpu(opt.state_dict()) for opt in self._optimizers],
-            "rng": rngs,
-        }
+        return worker_file_state(
+            save_id=save_id, worker=self.worker_index, num_workers=self.num_workers,
+            ranks_per_worker=self._topology.ranks_per_worker, worker_group=self._topology.worker_group,
+            rank_in_worker=self.rank_in_worker, module_state=self._module.state_dict(), keys=self._state_keys,
+            local=self._averager.local_values(), optimizer_states=[opt.state_dict() for opt in self._optimizers],
+        )
 
     @override
     def load_module_state_dict(self, module: Module, state_dict: dict[str, Any], strict: bool = True) -> None:

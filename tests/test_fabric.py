@@ -5,6 +5,7 @@ Workers are forked in-process (``start_method="fork"``); each writes what the te
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 from datetime import timedelta
@@ -40,7 +41,8 @@ def run(p: int, strategy: EASGDFabricStrategy, out: Path, module: ToyRegressor, 
 
 def _loop(fabric: Fabric, module: ToyRegressor, dataset: TensorDataset, out: Path, *, epochs: int,
           batch_size: int, first_epoch: int = 0, closure: bool = False, accumulate: int = 1, load: Path | None = None,
-          save: Path | None = None, probe_center: bool = False, rank_seed: int | None = None) -> None:
+          save: Path | None = None, save_in_center: bool = False, probe_center: bool = False,
+          rank_seed: int | None = None) -> None:
     if rank_seed is not None:  # forked ranks inherit one RNG state; this gives each its own (dropout)
         torch.manual_seed(rank_seed + fabric.global_rank)
     model, optimizer = fabric.setup(module, module.configure_optimizers())
@@ -86,8 +88,9 @@ def _loop(fabric: Fabric, module: ToyRegressor, dataset: TensorDataset, out: Pat
                 optimizer.step()
             rec["collectives"].append({k: n - before.get(k, 0) for k, n in COUNTS.items() if n != before.get(k, 0)})
         if save is not None:
-            fabric.save(save / f"epoch={epoch}.ckpt", {"model": model, "optimizer": optimizer, "epoch": epoch})
-            fabric.save(save / "last.ckpt", {"model": model, "optimizer": optimizer, "epoch": epoch})
+            with strategy.center() if save_in_center else contextlib.nullcontext():  # e.g. after evaluating it
+                fabric.save(save / f"epoch={epoch}.ckpt", {"model": model, "optimizer": optimizer, "epoch": epoch})
+                fabric.save(save / "last.ckpt", {"model": model, "optimizer": optimizer, "epoch": epoch})
     averager = strategy.averager
     rec.update(
         local={k: v.clone() for k, v in module.state_dict().items()},
@@ -332,15 +335,17 @@ def test_worker_groups_match_replay(tmp_path: Path, tau: int, batch_size: int, a
 
 def test_worker_groups_save_and_resume_exactly(tmp_path: Path, warnings_: Any) -> None:
     """2 workers of 2 ranks: one file per worker, written by its first rank with both ranks' RNG states; resuming
-    reproduces the uninterrupted run (dropout: every rank's own generator matters)."""
+    reproduces the uninterrupted run (dropout: every rank's own generator matters). Saved with the center swapped in,
+    where the worker's local values are gathered from its ranks' slices."""
     dataset = make_dataset(48, dtype=torch.float32)
     torch.manual_seed(14)
     init = _resume_model().state_dict()
     straight = _resume_model()
     straight.load_state_dict(init)
     ckpt = tmp_path / "ckpt"
-    full = run(4, EASGDFabricStrategy(tau=2, ranks_per_worker=2, start_method="fork"), tmp_path / "full", straight,
-               dataset, epochs=2, batch_size=2, save=ckpt, rank_seed=100)
+    full = run(4, EASGDFabricStrategy(tau=2, ranks_per_worker=2, timeout=timedelta(seconds=60), start_method="fork"),
+               tmp_path / "full", straight, dataset, epochs=2, batch_size=2, save=ckpt, save_in_center=True,
+               rank_seed=100)
     section = torch.load(ckpt / "epoch=0.ckpt", weights_only=True)["easgd"]
     assert section["num_workers"] == 2 and section["ranks_per_worker"] == 2 and len(section["worker_files"]) == 2
     for g in range(2):
