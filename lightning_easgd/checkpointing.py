@@ -19,6 +19,10 @@ leaves a checkpoint file whose worker files exist. Checkpoints are written to a 
 Lightning assumes for DDP.
 
 Format 1 (lightning-easgd 0.1) kept every worker inside the checkpoint file; it is still read.
+
+The worker files themselves (:class:`WorkerFiles`) and the section's checks do not depend on the adapter: the Fabric
+strategy writes the same layout and the same section fields under its ``fabric.save`` entry ``"easgd"``.
+:class:`WorkerCheckpoints` is the Trainer strategy's use of them.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -40,6 +45,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
+from lightning_easgd.core.worker import ElasticWorker
+from lightning_easgd.module_state import state_with
 from lightning_easgd.rng import capture_rng_state, restore_rng_state
 
 if TYPE_CHECKING:
@@ -99,6 +106,207 @@ def resolve_worker_file(checkpoint_path: _PATH, relative: str) -> str:
     return posixpath.join(posixpath.dirname(path), relative)
 
 
+class CheckpointRanks(Protocol):
+    """What the worker files need of a strategy; Lightning's and Fabric's DDP strategies both provide it."""
+
+    checkpoint_io: Any
+
+    @property
+    def is_global_zero(self) -> bool: ...
+
+    @property
+    def root_device(self) -> torch.device: ...
+
+    @property
+    def world_size(self) -> int: ...
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any: ...
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool: ...
+
+
+class WorkerFiles:
+    """The worker files of one save: naming, writing and reading them (every rank agreeing on failures), removing
+    older saves. Adapter-independent: the Trainer strategy (through :class:`WorkerCheckpoints`) and the Fabric
+    strategy both keep their workers' states this way, in the same layout.
+
+    Files go through the strategy's ``checkpoint_io`` (so fsspec paths and atomic writes work as for the checkpoint
+    file). Collective methods must be called by every rank.
+    """
+
+    def __init__(self, ranks: CheckpointRanks) -> None:
+        self._ranks = ranks
+
+    def new_save_id(self, step: int) -> str:
+        """A fresh id for a save, the same on every rank (collective). A fresh directory per save keeps the files of
+        the save being replaced intact until the new checkpoint file is in place."""
+        return self._ranks.broadcast(f"{step:09d}-{uuid.uuid4().hex[:8]}")
+
+    def write(
+        self,
+        filepath: _PATH,
+        save_id: str,
+        worker: int,
+        make_state: Callable[[], dict[str, Any] | None],
+        storage_options: Any | None = None,
+    ) -> None:
+        """Write worker ``worker``'s file with the state ``make_state`` builds (None: this rank writes nothing, e.g.
+        not its worker's writer). Collective: it is also the barrier that keeps rank 0 from writing a checkpoint file
+        before all of its worker files exist, and a failure on any rank raises on every rank.
+
+        Raises:
+            WorkerFileError: naming the file and the error on the rank that failed, and the checkpoint on the others.
+        """
+        ranks = self._ranks
+        target = _worker_file_target(filepath, save_id, worker)
+        error: BaseException | None = None
+        try:
+            state = make_state()
+            if state is not None:
+                ranks.checkpoint_io.save_checkpoint(state, target, storage_options=storage_options)
+        except Exception as e:
+            error = e
+        if not ranks.reduce_boolean_decision(error is None, all=True):
+            if error is not None:
+                raise WorkerFileError(
+                    f"could not write {target}, worker {worker}'s file of checkpoint {filepath}: "
+                    f"{type(error).__name__}: {error}"
+                ) from error
+            raise WorkerFileError(
+                f"another rank could not write its worker file of checkpoint {filepath} (see its error); the "
+                "checkpoint was not saved"
+            )
+
+    def read(self, path: str, section: Mapping[str, Any], worker: int) -> dict[str, Any] | None:
+        """Read worker ``worker``'s file named by a checkpoint's checked ``section`` (see :func:`check_section`);
+        None for a worker the checkpoint did not have. Collective: every rank learns which files failed, so all raise
+        the same error instead of leaving the others waiting for them.
+
+        Raises:
+            WorkerFileError: listing every worker file that is missing, unreadable or from another save.
+        """
+        saved_p = int(section["num_workers"])
+        state: dict[str, Any] | None = None
+        reason, detail = 0, ""
+        if worker < saved_p:
+            target = resolve_worker_file(path, section["worker_files"][worker])
+            try:
+                state = self._ranks.checkpoint_io.load_checkpoint(target, map_location="cpu", weights_only=True)
+            except FileNotFoundError:
+                reason = _MISSING
+            except Exception as error:
+                reason, detail = _UNREADABLE, f" ({type(error).__name__}: {error})"
+            if state is not None:
+                found = (state.get("save_id"), state.get("worker")) if isinstance(state, Mapping) else None
+                expected = f"save {section['save_id']!r}, worker {worker}"
+                if found != (section["save_id"], worker):
+                    reason, detail = _FOREIGN, f" (it is {_describe(found)}; expected {expected})"
+        failed = self._agree_on_failures(reason, worker, saved_p)
+        if failed:
+            lines = [
+                f"  worker {w}: {resolve_worker_file(path, section['worker_files'][w])} {_REASONS[code]}"
+                + (detail if w == worker else "")
+                for w, code in failed.items()
+            ]
+            raise WorkerFileError(
+                f"cannot resume from {path}: worker file(s) of this checkpoint cannot be used:\n" + "\n".join(lines)
+                + "\nCopy or move a checkpoint together with its '" + WORKERS_SUFFIX + "' directory, or resume from "
+                "another checkpoint."
+            )
+        return state
+
+    def _agree_on_failures(self, reason: int, worker: int, saved_p: int) -> dict[int, int]:
+        """{worker: reason} of the worker files any rank failed to use."""
+        codes = torch.zeros(saved_p, dtype=torch.int32, device=self._ranks.root_device)
+        if worker < saved_p:
+            codes[worker] = reason
+        if dist.is_available() and dist.is_initialized() and self._ranks.world_size > 1:
+            dist.all_reduce(codes, op=dist.ReduceOp.MAX)
+        return {w: code for w, code in enumerate(codes.tolist()) if code}
+
+    def prune(self, filepath: _PATH, save_id: str | None) -> None:
+        """Remove the worker files of earlier saves to the same path, once the checkpoint file names ``save_id``'s
+        (rank 0; the files of an interrupted save go too). ``None``: the checkpoint names no worker files, all go."""
+        if not self._ranks.is_global_zero:
+            return
+        directory = worker_files_dir(filepath)
+        fs = get_filesystem(directory)
+        if save_id is None:
+            if fs.exists(directory):
+                self._ranks.checkpoint_io.remove_checkpoint(directory)
+            return
+        for entry in fs.ls(directory, detail=False):
+            if posixpath.basename(str(entry).rstrip("/")) != save_id:
+                self._ranks.checkpoint_io.remove_checkpoint(entry)
+
+    def remove(self, filepath: _PATH) -> None:
+        """Remove a checkpoint's worker files after the checkpoint file itself (rank 0; the file system is shared)."""
+        if self._ranks.is_global_zero:
+            self._ranks.checkpoint_io.remove_checkpoint(worker_files_dir(filepath))
+
+
+def worker_file_state(
+    *,
+    save_id: str,
+    worker: int,
+    num_workers: int,
+    ranks_per_worker: int,
+    worker_group: dist.ProcessGroup | None,
+    rank_in_worker: int,
+    module_state: dict[str, Any],
+    keys: Mapping[str, int],
+    local: Sequence[Tensor],
+    optimizer_states: Sequence[Any],
+) -> dict[str, Any] | None:
+    """The content of a worker file, in host memory, on the worker's writer (its first rank); None on its other ranks.
+    Collective within a worker group (the RNG states of its ranks travel to the writer); every rank passes its
+    ``local`` values, which with the center swapped in are themselves gathered within the worker."""
+    rngs = gather_in_worker(capture_rng_state(), worker_group, rank_in_worker, ranks_per_worker)
+    if rngs is None:
+        return None
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "save_id": save_id,
+        "worker": worker,
+        "num_workers": num_workers,
+        "ranks_per_worker": ranks_per_worker,
+        "state_dict": _to_cpu(state_with(module_state, keys, local)),
+        "optimizer_states": [_to_cpu(s) for s in optimizer_states],
+        "rng": rngs,
+    }
+
+
+def gather_in_worker(obj: Any, worker_group: dist.ProcessGroup | None, rank_in_worker: int, ranks_per_worker: int
+                     ) -> list[Any] | None:
+    """``obj`` of every rank of this rank's worker, in rank order, on its writer (its first rank; None on the others).
+    Collective within the worker group; used for the few-kB RNG states."""
+    if worker_group is None:
+        return [obj]
+    gathered: list[Any] | None = [None] * ranks_per_worker if rank_in_worker == 0 else None
+    dist.gather_object(obj, gathered, group=worker_group, group_dst=0)
+    return gathered
+
+
+def describe_more_ranks(saved_k: int, k: int) -> str:
+    """The warning for resuming a checkpoint of ``saved_k`` ranks per worker with ``k`` > ``saved_k``."""
+    return (
+        f"EASGD resume: the checkpoint has {saved_k} rank(s) per worker and this run has {k}; ranks "
+        f"{saved_k}-{k - 1} of every worker start from freshly seeded random number generators."
+    )
+
+
+def describe_resize(saved_p: int, p: int, alpha: float) -> str:
+    """The warning for resuming a checkpoint of ``saved_p`` workers with ``p`` workers."""
+    kept = min(saved_p, p)
+    return (
+        f"EASGD resume: the checkpoint has {saved_p} workers and this run has {p}; "
+        f"own weights and optimizer state restored: {_workers(0, kept)}"
+        + (f"; starting from the center: {_workers(kept, p)}" if p > kept else "")
+        + (f"; dropped: {_workers(kept, saved_p)}" if saved_p > kept else "")
+        + f"; alpha is now {alpha:g}."
+    )
+
+
 @dataclass
 class _PendingWorker:
     """This rank's part of a checkpoint being resumed, kept from ``setup`` until the optimizers are restored."""
@@ -116,6 +324,7 @@ class WorkerCheckpoints:
 
     def __init__(self, strategy: EASGDStrategy) -> None:
         self._strategy = strategy
+        self._files = WorkerFiles(strategy)
         self._loaded: tuple[str, dict[str, Any]] | None = None  # (path, section) read before setup
         self._pending: _PendingWorker | None = None
         self._saved: tuple[str, str] | None = None  # (path, save id) of the save in progress
@@ -123,19 +332,12 @@ class WorkerCheckpoints:
     # ------------------------------------------------------------------ saving
 
     def center_state_dict(self, state: dict[str, Any]) -> dict[str, Any]:
-        """Put the center into the module's ``state``. Only global rank 0 writes the checkpoint file: it gets CPU
-        copies (one center in host memory, and a file that loads on any machine); the other ranks get views of the
-        center, which cost nothing and are not kept."""
+        """Put the center into the module's ``state`` (see :func:`center_state`; rank 0 writes the file)."""
         strategy = self._strategy
         averager = strategy.averager
         if averager is None:
             return state
-        center = averager.center_values()
-        for key, i in strategy._state_keys.items():
-            state[key] = center[i].detach()
-        if strategy.is_global_zero:
-            state = {key: _to_cpu(value) for key, value in state.items()}
-        return state
+        return center_state(state, strategy._state_keys, averager.center_values(), strategy.is_global_zero)
 
     def before_save(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None) -> None:
         """Write the worker files of a full checkpoint (collective; every rank calls it) and add the section naming
@@ -158,11 +360,10 @@ class WorkerCheckpoints:
         if velocity is not None:  # identical on every rank, like the center: it travels in the checkpoint file
             section["center_velocity"] = {k: _to_cpu(v) if strategy.is_global_zero else v for k, v in velocity.items()}
         if strategy.save_worker_states:
-            # One id for all ranks: a fresh directory per save, so the files of the save being replaced stay intact
-            # until the new checkpoint file is in place.
-            save_id = strategy.broadcast(f"{int(checkpoint.get('global_step', 0)):09d}-{uuid.uuid4().hex[:8]}")
+            save_id = self._files.new_save_id(int(checkpoint.get("global_step", 0)))
             names = [worker_file_name(filepath, save_id, g) for g in range(strategy.num_workers)]
-            self._write_worker_file(checkpoint, filepath, save_id, storage_options)
+            self._files.write(filepath, save_id, strategy.worker_index,
+                              partial(self._worker_state, checkpoint, save_id), storage_options)
             section["save_id"] = save_id
             section["worker_files"] = names
             self._saved = (os.fspath(filepath), save_id)
@@ -173,77 +374,28 @@ class WorkerCheckpoints:
             ]
         checkpoint[CHECKPOINT_KEY] = section
 
-    def _write_worker_file(
-        self, checkpoint: dict[str, Any], filepath: _PATH, save_id: str, storage_options: Any
-    ) -> None:
-        strategy = self._strategy
-        g = strategy.worker_index
-        target = _worker_file_target(filepath, save_id, g)
-        error: BaseException | None = None
-        try:
-            rngs = self._gather_rng_in_worker(capture_rng_state())
-            if rngs is not None:
-                state = {
-                    "format": CHECKPOINT_FORMAT,
-                    "save_id": save_id,
-                    "worker": g,
-                    "num_workers": strategy.num_workers,
-                    "ranks_per_worker": strategy.ranks_per_worker,
-                    "state_dict": self._local_state_dict(),
-                    "optimizer_states": [_to_cpu(s) for s in checkpoint["optimizer_states"]],
-                    "rng": rngs,
-                }
-                strategy.checkpoint_io.save_checkpoint(state, target, storage_options=storage_options)
-        except Exception as e:
-            error = e
-        # Also the barrier that keeps rank 0 from writing a checkpoint file before all of its worker files exist.
-        if not strategy.reduce_boolean_decision(error is None, all=True):
-            if error is not None:
-                raise WorkerFileError(
-                    f"could not write {target}, worker {g}'s file of checkpoint {filepath}: "
-                    f"{type(error).__name__}: {error}"
-                ) from error
-            raise WorkerFileError(
-                f"another rank could not write its worker file of checkpoint {filepath} (see its error); the "
-                "checkpoint was not saved"
-            )
-
-    def _gather_rng_in_worker(self, rng: dict[str, Any]) -> list[dict[str, Any]] | None:
-        """The RNG states of the worker's ranks, in rank order, on its writer (None on the other ranks)."""
-        strategy = self._strategy
-        group = strategy.worker_group
-        if group is None:
-            return [rng]
-        writer = strategy.rank_in_worker == 0
-        gathered: list[Any] | None = [None] * strategy.ranks_per_worker if writer else None
-        dist.gather_object(rng, gathered, group=group, group_dst=0)
-        return gathered
-
-    def _local_state_dict(self) -> dict[str, Tensor]:
+    def _worker_state(self, checkpoint: dict[str, Any], save_id: str) -> dict[str, Any] | None:
+        """This worker's file (on its writer; None on its other ranks, which send the writer their RNG states)."""
         strategy = self._strategy
         assert strategy.averager is not None and strategy.lightning_module is not None
-        state = strategy.lightning_module.state_dict()
-        local = strategy.averager.local_values()
-        for key, i in strategy._state_keys.items():
-            state[key] = local[i]
-        return {key: value.detach().to("cpu", copy=True) for key, value in state.items()}
+        return worker_file_state(
+            save_id=save_id, worker=strategy.worker_index, num_workers=strategy.num_workers,
+            ranks_per_worker=strategy.ranks_per_worker, worker_group=strategy.worker_group,
+            rank_in_worker=strategy.rank_in_worker, module_state=strategy.lightning_module.state_dict(),
+            keys=strategy._state_keys, local=strategy.averager.local_values(),
+            optimizer_states=checkpoint["optimizer_states"],
+        )
 
     def after_save(self) -> None:
         """Remove the worker files of earlier saves to the same path, now that the checkpoint file names the new
         ones (rank 0; the files of an interrupted save go too)."""
         saved, self._saved = self._saved, None
-        if saved is None or not self._strategy.is_global_zero:
-            return
-        filepath, save_id = saved
-        directory = worker_files_dir(filepath)
-        for entry in get_filesystem(directory).ls(directory, detail=False):
-            if posixpath.basename(str(entry).rstrip("/")) != save_id:
-                self._strategy.checkpoint_io.remove_checkpoint(entry)
+        if saved is not None:
+            self._files.prune(*saved)
 
     def remove(self, filepath: _PATH) -> None:
         """Remove a checkpoint's worker files after the checkpoint file itself (rank 0; the file system is shared)."""
-        if self._strategy.is_global_zero:
-            self._strategy.checkpoint_io.remove_checkpoint(worker_files_dir(filepath))
+        self._files.remove(filepath)
 
     # ------------------------------------------------------------------ loading
 
@@ -264,7 +416,7 @@ class WorkerCheckpoints:
         section = checkpoint.get(CHECKPOINT_KEY)
         self._loaded = None
         if section is not None:
-            self._loaded = (os.fspath(checkpoint_path), _check_section(checkpoint_path, section))
+            self._loaded = (os.fspath(checkpoint_path), check_section(checkpoint_path, section))
         return checkpoint
 
     def setup(self, fitting: bool) -> None:
@@ -273,18 +425,9 @@ class WorkerCheckpoints:
         loaded, self._loaded = self._loaded, None
         self._pending = None
         if fitting and loaded is not None:
-            self._resume_center_velocity(loaded[1].get("center_velocity"))
+            assert self._strategy.averager is not None
+            resume_center_velocity(self._strategy.averager, loaded[1].get("center_velocity"))
             self._resume(*loaded)
-
-    def _resume_center_velocity(self, velocity: Mapping[str, Tensor] | None) -> None:
-        """Restore the center momentum's velocity (zero from a checkpoint without one), or say that it is dropped."""
-        averager = self._strategy.averager
-        assert averager is not None
-        if velocity is not None and averager.center_momentum is None:
-            rank_zero_warn("EASGD resume: the checkpoint holds a center-momentum velocity, but this run has "
-                           "center_momentum=0: the velocity is dropped and the paper's rule is used.")
-            return
-        averager.load_center_velocity(velocity)
 
     def _resume(self, path: str, section: dict[str, Any]) -> None:
         strategy = self._strategy
@@ -300,77 +443,21 @@ class WorkerCheckpoints:
             return
         p, k = strategy.num_workers, strategy.ranks_per_worker
         if saved_p != p:
-            kept = min(saved_p, p)
-            rank_zero_warn(
-                f"EASGD resume: the checkpoint has {saved_p} workers and this run has {p}; "
-                f"own weights and optimizer state restored: {_workers(0, kept)}"
-                + (f"; starting from the center: {_workers(kept, p)}" if p > kept else "")
-                + (f"; dropped: {_workers(kept, saved_p)}" if saved_p > kept else "")
-                + f"; alpha is now {strategy.averager.alpha:g}."
-            )
+            rank_zero_warn(describe_resize(saved_p, p, strategy.averager.alpha))
         if k > saved_k:
-            rank_zero_warn(
-                f"EASGD resume: the checkpoint has {saved_k} rank(s) per worker and this run has {k}; ranks "
-                f"{saved_k}-{k - 1} of every worker start from freshly seeded random number generators."
-            )
+            rank_zero_warn(describe_more_ranks(saved_k, k))
         g, j = strategy.worker_index, strategy.rank_in_worker
         if legacy:
             mine = section["workers"][g] if g < saved_p else None
             rngs = None if mine is None else [mine["rng"]]
         else:
-            mine = self._read_worker_file(path, section)
+            mine = self._files.read(path, section, g)
             rngs = None if mine is None else mine["rng"]
         if mine is None:
             self._pending = _PendingWorker(optimizer_states=None, rng=None)
             return
         strategy.lightning_module.load_state_dict(mine["state_dict"])
         self._pending = _PendingWorker(mine["optimizer_states"], rngs[j] if j < len(rngs) else None)
-
-    def _read_worker_file(self, path: str, section: Mapping[str, Any]) -> dict[str, Any] | None:
-        """Read this rank's worker's file; None for a worker the checkpoint did not have. Collective (every rank
-        calls it): every rank learns which files failed, so all raise the same error instead of leaving the others
-        waiting for them."""
-        strategy = self._strategy
-        g = strategy.worker_index
-        state: dict[str, Any] | None = None
-        reason, detail = 0, ""
-        if g < int(section["num_workers"]):
-            target = resolve_worker_file(path, section["worker_files"][g])
-            try:
-                state = strategy.checkpoint_io.load_checkpoint(target, map_location="cpu", weights_only=True)
-            except FileNotFoundError:
-                reason = _MISSING
-            except Exception as error:
-                reason, detail = _UNREADABLE, f" ({type(error).__name__}: {error})"
-            if state is not None:
-                found = (state.get("save_id"), state.get("worker")) if isinstance(state, Mapping) else None
-                expected = f"save {section['save_id']!r}, worker {g}"
-                if found != (section["save_id"], g):
-                    reason, detail = _FOREIGN, f" (it is {_describe(found)}; expected {expected})"
-        failed = self._agree_on_failures(reason, int(section["num_workers"]))
-        if failed:
-            lines = [
-                f"  worker {w}: {resolve_worker_file(path, section['worker_files'][w])} {_REASONS[code]}"
-                + (detail if w == g else "")
-                for w, code in failed.items()
-            ]
-            raise WorkerFileError(
-                f"cannot resume from {path}: worker file(s) of this checkpoint cannot be used:\n" + "\n".join(lines)
-                + "\nCopy or move a checkpoint together with its '" + WORKERS_SUFFIX + "' directory, or resume from "
-                "another checkpoint."
-            )
-        return state
-
-    def _agree_on_failures(self, reason: int, saved_p: int) -> dict[int, int]:
-        """{worker: reason} of the worker files any rank failed to use."""
-        strategy = self._strategy
-        g = strategy.worker_index
-        codes = torch.zeros(saved_p, dtype=torch.int32, device=strategy.root_device)
-        if g < saved_p:
-            codes[g] = reason
-        if dist.is_available() and dist.is_initialized() and strategy.world_size > 1:
-            dist.all_reduce(codes, op=dist.ReduceOp.MAX)
-        return {w: code for w, code in enumerate(codes.tolist()) if code}
 
     def load_optimizer_states(self, checkpoint: Mapping[str, Any]) -> bool:
         """Restore this rank's optimizer states (and then its RNG states) from its worker's saved state; a new
@@ -395,11 +482,37 @@ class WorkerCheckpoints:
         return True
 
 
-def _check_section(checkpoint_path: _PATH, section: Any) -> dict[str, Any]:
-    if not isinstance(section, Mapping) or section.get("format") not in _READABLE_FORMATS:
+def resume_center_velocity(averager: ElasticWorker, velocity: Mapping[str, Tensor] | None) -> None:
+    """Restore the center momentum's velocity from a checkpoint's section (zero from a checkpoint without one), or say
+    that it is dropped when this run has no center momentum."""
+    if velocity is not None and averager.center_momentum is None:
+        rank_zero_warn("EASGD resume: the checkpoint holds a center-momentum velocity, but this run has "
+                       "center_momentum=0: the velocity is dropped and the paper's rule is used.")
+        return
+    averager.load_center_velocity(velocity)
+
+
+def center_state(state: dict[str, Any], keys: Mapping[str, int], center: Sequence[Tensor], writer: bool
+                 ) -> dict[str, Any]:
+    """A module's ``state`` with the center's values. The rank that writes the checkpoint file (``writer``) gets host
+    copies (one center in host memory, and a file that loads on any machine); the others get views of the center,
+    which cost nothing and are not kept."""
+    state = state_with(state, keys, center)
+    return {key: _to_cpu(value) for key, value in state.items()} if writer else state
+
+
+def check_section(checkpoint_path: _PATH, section: Any, formats: tuple[int, ...] = _READABLE_FORMATS
+                  ) -> dict[str, Any]:
+    """A checkpoint's ``"easgd"`` section, checked: a known format and, with worker files, ``num_workers`` names
+    inside the checkpoint's directory and a ``save_id``.
+
+    Raises:
+        ValueError: for an unknown format or a damaged section.
+    """
+    if not isinstance(section, Mapping) or section.get("format") not in formats:
         raise ValueError(
             f"{checkpoint_path}: the checkpoint's '{CHECKPOINT_KEY}' section has an unknown format; this version of "
-            f"lightning-easgd reads formats {', '.join(map(str, _READABLE_FORMATS))}"
+            f"lightning-easgd reads format{'s' if len(formats) > 1 else ''} {', '.join(map(str, formats))}"
         )
     section = dict(section)
     if section["format"] == 2 and section.get("worker_files") is not None:

@@ -3,8 +3,9 @@
 The Fabric twin of :class:`~lightning_easgd.EASGDStrategy`, over the same core
 (:class:`~lightning_easgd.core.ElasticAverager`). It subclasses Fabric's
 :class:`~lightning.fabric.strategies.DDPStrategy` for the launchers, cluster environments, process-group setup and
-the DistributedSampler, and never wraps the module in DistributedDataParallel: between exchanges nothing is
-communicated.
+the DistributedSampler. With one rank per worker it never wraps the module in DistributedDataParallel, so between
+exchanges nothing is communicated; with worker groups it wraps it in DistributedDataParallel on the worker's own
+process group only.
 
 Where the exchange happens in a Fabric loop (``forward → fabric.backward → optimizer.step``): the strategy opens
 the step at the step's first training forward pass (module in training mode, autograd on), and measures d_i = x_i − x̃
@@ -17,12 +18,15 @@ forward, the backward and the optimizer update.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from functools import partial
 from datetime import timedelta
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from lightning.fabric.accelerators import Accelerator
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, Precision
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
@@ -34,30 +38,34 @@ from lightning.fabric.utilities.types import _PATH, Optimizable
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torch.nn import Module
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_easgd.checkpoint_io import AtomicCheckpointIO
-from lightning_easgd.core import DEFAULT_BETA, ElasticAverager, resolve_alpha
-from lightning_easgd.core.worker import NonFinitePolicy
-from lightning_easgd.module_state import elastic_tensors, state_with
-from lightning_easgd.options import ExchangeOptions, refuse_ddp_options
-from lightning_easgd.rng import capture_rng_state, restore_rng_state
-from lightning_easgd.worker_files import (
+from lightning_easgd.checkpointing import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_KEY,
+    WorkerFiles,
+    center_state,
+    check_section,
+    describe_more_ranks,
     describe_resize,
-    new_worker_directory,
-    prune_worker_directories,
-    read_worker_state,
-    write_worker_state,
+    resume_center_velocity,
+    worker_file_name,
+    worker_file_state,
 )
+from lightning_easgd.core import DEFAULT_BETA, ElasticAverager, resolve_alpha
+from lightning_easgd.core.buckets import check_device
+from lightning_easgd.core.center_momentum import check_center_momentum
+from lightning_easgd.core.worker import NonFinitePolicy
+from lightning_easgd.module_state import elastic_tensors
+from lightning_easgd.core.topology import WorkerTopology, worker_topology
+from lightning_easgd.options import ExchangeOptions, refuse_unused_worker_ddp_options, worker_ddp_options
+from lightning_easgd.rng import restore_rng_state
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_KEY = "easgd"
-"""Where ``fabric.save`` keeps the strategy's metadata (the center itself is the model's entry)."""
-CHECKPOINT_FORMAT = 1
-
 
 class EASGDFabricStrategy(DDPStrategy):
     """Synchronous Elastic Averaging SGD (Zhang, Choromanska & LeCun, NIPS 2015, Eq. 5-6) for Fabric.
@@ -88,23 +96,34 @@ class EASGDFabricStrategy(DDPStrategy):
         beta: β = p·α used when ``alpha`` is None; the paper uses 0.9. Must be < 2; values above 1 warn.
         overlap: start the all-reduce when the step opens (its first training forward pass) and wait for it after
             the optimizer's update (True), or wait for it before the step's forward runs (False). Same arithmetic.
-        bucket_cap_mb: size of the flat buffers that each all-reduce carries.
+            Default: True, and False with ``center_device="cpu"`` (True is refused there).
+        bucket_cap_mb: size of the flat buffers that each all-reduce carries. Default: 25 MB on CPU, 256 MB on CUDA.
         save_worker_states: ``fabric.save`` also writes every worker's local weights, optimizer state and RNG state,
-            each by its own rank to its own file beside the checkpoint (see :mod:`lightning_easgd.worker_files`),
+            each by its own rank to its own file beside the checkpoint (see :mod:`lightning_easgd.checkpointing`),
             so that ``fabric.load`` reproduces the uninterrupted run. Without them a resumed run restarts every
             worker from the center.
         on_nonfinite: the divergence guard. ``"raise"`` (default): every rank raises
             :class:`~lightning_easgd.core.NonFiniteWorkerError` naming the workers and the step. ``"reset"``: the
             diverged workers' contributions are dropped, they restart from the center with empty optimizer state,
             and a warning names them.
+        ranks_per_worker: k, the ranks that form one EASGD worker, or ``"node"``; as for
+            :class:`~lightning_easgd.EASGDStrategy`. With k > 1 ``fabric.setup`` wraps the model in
+            DistributedDataParallel on the worker's process group, and ``fabric.no_backward_sync`` is its ``no_sync``.
+        center_device, exchange_dtype, center_momentum, center_nesterov, warmup_steps, warmup_tau: as for
+            :class:`~lightning_easgd.EASGDStrategy` (a host-resident center, a bfloat16 exchange, momentum on the
+            center, whose velocity travels in ``fabric.save`` checkpoints, and a warm-up exchange schedule).
         timeout: how long collectives, the exchange included, may wait for a peer before failing with an error.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision, process_group_backend,
         start_method: as for :class:`~lightning.fabric.strategies.DDPStrategy`; ``checkpoint_io`` defaults to
             :class:`~lightning_easgd.checkpoint_io.AtomicCheckpointIO`.
+        **kwargs: with ``ranks_per_worker`` > 1, ``find_unused_parameters``, ``gradient_as_bucket_view`` and
+            ``static_graph`` are passed to the DistributedDataParallel inside each worker.
 
     Raises:
-        ValueError: for an invalid option (same checks and messages as :class:`~lightning_easgd.EASGDStrategy`),
-            and for options of DistributedDataParallel, which EASGD does not use.
+        ValueError: for an invalid option (same checks and messages as :class:`~lightning_easgd.EASGDStrategy`:
+            :meth:`~lightning_easgd.options.ExchangeOptions.validated`), and options of DistributedDataParallel
+            other than those the DDP inside a worker group takes. At setup: a world size that ``ranks_per_worker``
+            does not divide.
         TypeError: for any other unknown keyword argument.
     """
 
@@ -115,10 +134,17 @@ class EASGDFabricStrategy(DDPStrategy):
         tau: int = 10,
         alpha: float | None = None,
         beta: float = DEFAULT_BETA,
-        overlap: bool = True,
-        bucket_cap_mb: float = 25.0,
+        overlap: bool | None = None,
+        bucket_cap_mb: float | None = None,
         save_worker_states: bool = True,
         on_nonfinite: NonFinitePolicy = "raise",
+        ranks_per_worker: int | Literal["node"] = 1,
+        center_device: str | None = None,
+        exchange_dtype: str | torch.dtype | None = None,
+        center_momentum: float = 0.0,
+        center_nesterov: bool = False,
+        warmup_steps: int = 0,
+        warmup_tau: int = 1,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -129,10 +155,13 @@ class EASGDFabricStrategy(DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **kwargs: Any,
     ) -> None:
-        refuse_ddp_options(kwargs, type(self).__name__)
+        owner = type(self).__name__
+        self._worker_ddp_kwargs = worker_ddp_options(kwargs, owner, grouped=ranks_per_worker != 1)
         options = ExchangeOptions.validated(
-            tau=tau, alpha=alpha, beta=beta, overlap=overlap, bucket_cap_mb=bucket_cap_mb,
-            save_worker_states=save_worker_states, on_nonfinite=on_nonfinite, timeout=timeout,
+            owner=owner, tau=tau, alpha=alpha, beta=beta, overlap=overlap, bucket_cap_mb=bucket_cap_mb,
+            save_worker_states=save_worker_states, on_nonfinite=on_nonfinite, ranks_per_worker=ranks_per_worker,
+            center_device=center_device, exchange_dtype=exchange_dtype, center_momentum=center_momentum,
+            center_nesterov=center_nesterov, warmup_steps=warmup_steps, warmup_tau=warmup_tau, timeout=timeout,
             start_method=start_method,
         )
         super().__init__(
@@ -145,6 +174,7 @@ class EASGDFabricStrategy(DDPStrategy):
             timeout=options.timeout,
             start_method=start_method,
         )
+        self._options = options
         self.tau = options.tau
         self._alpha = options.alpha
         self.beta = options.beta
@@ -152,9 +182,12 @@ class EASGDFabricStrategy(DDPStrategy):
         self.bucket_cap_mb = options.bucket_cap_mb
         self.save_worker_states = options.save_worker_states
         self.on_nonfinite: NonFinitePolicy = options.on_nonfinite
-        self._backward_sync_control = _NoGradientSync()
+        self._backward_sync_control = _WorkerGradientSync()
+        self._topology: WorkerTopology | None = None
+        self._files = WorkerFiles(self)
         self._averager: ElasticAverager | None = None
         self._module: Module | None = None
+        self._wrapped: Module | None = None  # what setup_module returned: the module, or its DDP in a worker group
         self._optimizers: list[Optimizer] = []
         self._state_keys: dict[str, int] = {}  # state_dict key -> index of the averaged tensor it names
         self._hook: RemovableHandle | None = None
@@ -170,6 +203,35 @@ class EASGDFabricStrategy(DDPStrategy):
         return self._averager
 
     @property
+    def ranks_per_worker(self) -> int | str:
+        """k, the ranks of one worker: an int after setup (``"node"`` resolves to the processes per node)."""
+        return self._topology.ranks_per_worker if self._topology is not None else self._options.ranks_per_worker
+
+    @property
+    def num_workers(self) -> int:
+        """p, the number of EASGD workers (world size / ranks per worker)."""
+        return self.world_size // self._resolve_ranks_per_worker()
+
+    @property
+    def worker_index(self) -> int:
+        """g, this rank's worker (global rank // ranks per worker)."""
+        return self.global_rank // self._resolve_ranks_per_worker()
+
+    @property
+    def rank_in_worker(self) -> int:
+        """j, this rank's place in its worker; it owns slice j of the center."""
+        return self.global_rank % self._resolve_ranks_per_worker()
+
+    @property
+    def worker_group(self) -> dist.ProcessGroup | None:
+        """The process group of this rank's worker after setup (None with one rank per worker)."""
+        return self._topology.worker_group if self._topology is not None else None
+
+    def _resolve_ranks_per_worker(self) -> int:
+        k = self._options.ranks_per_worker
+        return self.num_processes if k == "node" else int(k)
+
+    @property
     def alpha(self) -> float | None:
         """The moving rate in use (resolved from β and the world size at setup when not given)."""
         return self._averager.alpha if self._averager is not None else self._alpha
@@ -178,28 +240,55 @@ class EASGDFabricStrategy(DDPStrategy):
 
     @override
     def setup_module(self, module: Module) -> Module:
-        """Broadcast rank 0's weights, start the exchange over the module's tensors; the module is not wrapped."""
+        """Broadcast rank 0's weights and start the exchange over the module's tensors. The module is wrapped in
+        DistributedDataParallel on its worker's process group with worker groups, and not wrapped otherwise."""
         if self._module is not None:
             raise ValueError(
                 f"{type(self).__name__} trains one model per run, and fabric.setup() was already called with a "
                 f"{type(self._module).__name__}; EASGD averages that model's weights with its center."
             )
-        if self.world_size < 2:
+        options = self._options
+        check_device([*module.named_parameters(), *module.named_buffers()], self.root_device)
+        topology = worker_topology(self._resolve_ranks_per_worker(), self.world_size, self.global_rank,
+                                   timeout=self._timeout)
+        refuse_unused_worker_ddp_options(self._worker_ddp_kwargs, options.ranks_per_worker,
+                                         grouped=topology.worker_group is not None)
+        self._topology = topology
+        p = topology.num_workers
+        if p < 2:
             rank_zero_warn(
                 f"{type(self).__name__} is running with a single worker: EASGD needs at least 2 workers to average; "
-                "the elastic pull still runs, without any communication."
+                "the elastic pull still runs, without any communication between workers."
             )
-        alpha, warning = resolve_alpha(self._alpha, self.beta, self.world_size)
+        alpha, warning = resolve_alpha(options.alpha, options.beta, p)
+        if options.center_momentum:  # momentum moves the overshoot threshold (and the divergence bound)
+            warning = check_center_momentum(p * alpha, options.center_momentum, options.center_nesterov)
         if warning:
             rank_zero_warn(warning)
-        elastic, self._state_keys = elastic_tensors(module, self.bucket_cap_mb)
-        self._averager = ElasticAverager(elastic, tau=self.tau, alpha=alpha, bucket_cap_mb=self.bucket_cap_mb,
-                                         overlap=self.overlap, on_nonfinite=self.on_nonfinite, timeout=self._timeout)
+        elastic, self._state_keys = elastic_tensors(module, options.bucket_cap_mb)  # collective: rank 0's values
+        grouped = topology.worker_group is not None
+        buffers = {id(t) for _, t in module.named_buffers()}
+        self._averager = ElasticAverager(
+            elastic, tau=options.tau, alpha=alpha, group=topology.column_group, bucket_cap_mb=options.bucket_cap_mb,
+            overlap=options.overlap, on_nonfinite=options.on_nonfinite, timeout=self._timeout,
+            worker_group=topology.worker_group, center_device=options.center_device,
+            exchange_dtype=options.exchange_dtype, center_momentum=options.center_momentum,
+            center_nesterov=options.center_nesterov, warmup_steps=options.warmup_steps,
+            warmup_tau=options.warmup_tau,
+            follow_first_rank=tuple(key for key, t in elastic if id(t) in buffers) if grouped else (),
+        )
         self._module = module
         self._hook = module.register_forward_pre_hook(self._open_step_on_forward)
-        log.debug("EASGD: %d workers, tau=%d, alpha=%g, %d tensors of %d bytes in %d buckets", self.world_size,
-                  self.tau, alpha, len(elastic), self._averager.layout.nbytes, len(self._averager.layout.buckets))
-        return module
+        log.debug("EASGD: %d workers of %d ranks, tau=%d, alpha=%g, %d tensors of %d bytes in %d buckets", p,
+                  topology.ranks_per_worker, self.tau, alpha, len(elastic), self._averager.layout.nbytes,
+                  len(self._averager.layout.buckets))
+        if grouped:
+            # Inside a worker, gradients are averaged every step by DDP on the worker's own process group.
+            self._ddp_kwargs = {"process_group": topology.worker_group, **self._worker_ddp_kwargs}
+            self._wrapped = super().setup_module(module)
+        else:
+            self._wrapped = module
+        return self._wrapped
 
     @override
     def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
@@ -241,12 +330,12 @@ class EASGDFabricStrategy(DDPStrategy):
         finally:
             self._step, self._exchange_in_flight = None, False
         assert self._averager is not None
-        for t, ranks in self._averager.pop_resets():
+        for t, ranks in self._averager.pop_resets():  # worker indices
             rank_zero_warn(
                 f"EASGD: worker(s) {', '.join(map(str, ranks))} had non-finite weights at optimizer step {t}; their "
                 "contribution was dropped and they were reset to the center with empty optimizer state."
             )
-            if self.global_rank in ranks:
+            if self.worker_index in ranks:
                 for opt in self._optimizers:
                     opt.state.clear()
         return output
@@ -293,15 +382,19 @@ class EASGDFabricStrategy(DDPStrategy):
                 "training forward pass and completes at optimizer.step(). Call it between optimizer steps."
             )
 
+    def _is_set_up(self, obj: object) -> bool:
+        """Whether ``obj`` is the set-up model (Fabric hands the strategy the DDP wrapper in a worker group)."""
+        return self._module is not None and (obj is self._module or obj is self._wrapped)
+
     # ------------------------------------------------------------------ checkpoints
 
     @override
     def get_module_state_dict(self, module: Module) -> dict[str, Any]:
         """The set-up model's state with the center's values, whatever the model holds right now."""
         state = super().get_module_state_dict(module)
-        if module is not self._module or self._averager is None:
+        if not self._is_set_up(module) or self._averager is None:
             return state
-        return state_with(state, self._state_keys, self._averager.center_values())
+        return center_state(state, self._state_keys, self._averager.center_values(), self.is_global_zero)
 
     @override
     def save_checkpoint(
@@ -319,7 +412,7 @@ class EASGDFabricStrategy(DDPStrategy):
             return
         if CHECKPOINT_KEY in state:
             raise ValueError(f"fabric.save(): the state key {CHECKPOINT_KEY!r} is reserved for EASGD's metadata")
-        if not any(obj is self._module for obj in state.values()):
+        if not any(self._is_set_up(obj) for obj in state.values()):
             raise ValueError(
                 f"fabric.save(): the state ({', '.join(map(repr, state))}) has no entry holding the model set up "
                 "with EASGD; its entry carries the center, so include it (e.g. state={'model': model, ...})"
@@ -328,49 +421,47 @@ class EASGDFabricStrategy(DDPStrategy):
         section: dict[str, Any] = {
             "format": CHECKPOINT_FORMAT,
             "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "ranks_per_worker": self.ranks_per_worker,
             "tau": self.tau,
             "alpha": averager.alpha,
             "clock": averager.clock,
         }
-        directory = None
+        velocity = averager.center_velocity()  # collective within a worker group, like the center
+        if velocity is not None:  # identical on every rank, like the center: it travels in the checkpoint file
+            section["center_velocity"] = {k: _to_cpu(v) if self.is_global_zero else v for k, v in velocity.items()}
+        save_id = None
         if self.save_worker_states:
-            directory = self.broadcast(new_worker_directory(path) if self.is_global_zero else None)
-            write_worker_state(path, directory, self.global_rank, self._worker_state())
-            self.barrier("easgd_worker_files")  # the main file never names missing worker files
-            section["workers"] = directory
+            save_id = self._files.new_save_id(averager.clock)
+            self._files.write(path, save_id, self.worker_index, partial(self._worker_state, save_id), storage_options)
+            section["save_id"] = save_id
+            section["worker_files"] = [worker_file_name(path, save_id, g) for g in range(self.num_workers)]
         super().save_checkpoint(path, {**state, CHECKPOINT_KEY: section}, storage_options, filter)
-        if self.is_global_zero:
-            prune_worker_directories(path, keep=directory)
+        self._files.prune(path, save_id)
 
-    def _worker_state(self) -> dict[str, Any]:
-        assert self._averager is not None and self._module is not None
-        local = state_with(self._module.state_dict(), self._state_keys, self._averager.local_values())
-
-        def to_cpu(t: Tensor) -> Tensor:
-            return t.detach().to("cpu", copy=True)
-
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "rank": self.global_rank,
-            "world_size": self.world_size,
-            "clock": self._averager.clock,
-            "state_dict": apply_to_collection(local, Tensor, to_cpu),
-            "optimizer_states": [apply_to_collection(opt.state_dict(), Tensor, to_cpu) for opt in self._optimizers],
-            "rng": capture_rng_state(),
-        }
+    def _worker_state(self, save_id: str) -> dict[str, Any] | None:
+        """This worker's file (on its first rank; None on its other ranks, which send it their RNG states)."""
+        assert self._averager is not None and self._module is not None and self._topology is not None
+        return worker_file_state(
+            save_id=save_id, worker=self.worker_index, num_workers=self.num_workers,
+            ranks_per_worker=self._topology.ranks_per_worker, worker_group=self._topology.worker_group,
+            rank_in_worker=self.rank_in_worker, module_state=self._module.state_dict(), keys=self._state_keys,
+            local=self._averager.local_values(), optimizer_states=[opt.state_dict() for opt in self._optimizers],
+        )
 
     @override
     def load_module_state_dict(self, module: Module, state_dict: dict[str, Any], strict: bool = True) -> None:
         """Loading weights into the set-up model moves the center and this worker there (every rank loads the same
         file, so the center stays identical everywhere)."""
-        if module is not self._module or self._averager is None:
+        if not self._is_set_up(module) or self._averager is None:
             super().load_module_state_dict(module, state_dict, strict)
             return
         if self._averager.center_in_use:
             raise RuntimeError("cannot load weights into the model inside `with fabric.strategy.center():`")
         self._refuse_in_flight("loading the model's weights")
         super().load_module_state_dict(module, state_dict, strict)
-        current = module.state_dict()
+        assert self._module is not None
+        current = self._module.state_dict()
         center = {name: current[name] for name in self._averager.names}
         self._averager.load_state_dict({"clock": self._averager.clock, "center": center})
 
@@ -390,48 +481,48 @@ class EASGDFabricStrategy(DDPStrategy):
             raise RuntimeError("fabric.load() was called between a training forward pass and optimizer.step()")
         remainder = super().load_checkpoint(path, state, strict, weights_only)
         section = remainder.pop(CHECKPOINT_KEY, None)
-        if section is None or not any(obj is self._module for obj in state.values()):
+        if section is None or not any(self._is_set_up(obj) for obj in state.values()):
             return remainder
-        if not isinstance(section, Mapping) or section.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(
-                f"{path}: the checkpoint's {CHECKPOINT_KEY!r} section has an unknown format; this version of "
-                f"lightning-easgd reads format {CHECKPOINT_FORMAT}"
-            )
+        section = check_section(path, section, formats=(CHECKPOINT_FORMAT,))
         self._averager.clock = int(section["clock"])
+        resume_center_velocity(self._averager, section.get("center_velocity"))
         optimizers = [opt for opt in self._optimizers if any(obj is opt for obj in state.values())]
-        self._resume_worker(path, section, optimizers)
+        self._resume_worker(os.fspath(path), section, optimizers)
         return remainder
 
-    def _resume_worker(self, path: _PATH, section: Mapping[str, Any], optimizers: list[Optimizer]) -> None:
+    def _resume_worker(self, path: str, section: Mapping[str, Any], optimizers: list[Optimizer]) -> None:
         assert self._averager is not None and self._module is not None
-        directory = section.get("workers")
-        if directory is None:
+        if section.get("worker_files") is None:
             rank_zero_warn(
                 f"EASGD resume: the checkpoint holds no worker states (saved with save_worker_states=False); all "
-                f"{self.world_size} workers start from the center."
+                f"{self.num_workers} workers start from the center."
             )
             return
-        saved_p = int(section["world_size"])
-        if saved_p != self.world_size:
-            rank_zero_warn(describe_resize(saved_p, self.world_size, self._averager.alpha))
-        if self.global_rank >= saved_p:
+        saved_p, saved_k = int(section["num_workers"]), int(section["ranks_per_worker"])
+        p, k = self.num_workers, self._resolve_ranks_per_worker()
+        if saved_p != p:
+            rank_zero_warn(describe_resize(saved_p, p, self._averager.alpha))
+        if k > saved_k:
+            rank_zero_warn(describe_more_ranks(saved_k, k))
+        mine = self._files.read(path, section, self.worker_index)  # collective: all ranks agree on failures
+        if mine is None:
             # A new worker keeps the optimizers' hyperparameters (rank 0's, from the main file) but no
             # per-parameter state: momentum belongs to another worker's trajectory.
             for opt in optimizers:
                 opt.state.clear()
             return
-        mine = read_worker_state(path, directory, self.global_rank)
-        if int(mine["clock"]) != self._averager.clock or len(mine["optimizer_states"]) != len(self._optimizers):
+        if len(mine["optimizer_states"]) != len(self._optimizers):
             raise ValueError(
-                f"{path}: worker {self.global_rank}'s file does not match the checkpoint (clock {mine['clock']} vs "
-                f"{self._averager.clock}, {len(mine['optimizer_states'])} optimizer states vs "
-                f"{len(self._optimizers)} set-up optimizers)"
+                f"{path}: worker {self.worker_index}'s file holds {len(mine['optimizer_states'])} optimizer states, "
+                f"but {len(self._optimizers)} optimizers are set up"
             )
         self._module.load_state_dict(mine["state_dict"])  # the local weights; the center is untouched
         for opt, saved in zip(self._optimizers, mine["optimizer_states"]):
             if opt in optimizers:
                 opt.load_state_dict(saved)
-        restore_rng_state(mine["rng"])
+        rngs, j = mine["rng"], self.rank_in_worker
+        if j < len(rngs):  # else: a rank the saved worker did not have keeps its seeded generators (warned)
+            restore_rng_state(rngs[j])
 
     # ------------------------------------------------------------------ registration
 
@@ -450,10 +541,17 @@ class EASGDFabricStrategy(DDPStrategy):
             )
 
 
-class _NoGradientSync(_BackwardSyncControl):
-    """``fabric.no_backward_sync(model)`` is a no-op: EASGD never synchronises gradients, so loops written for DDP
-    (skipping the sync on accumulation steps) run unchanged."""
+def _to_cpu(value: Any) -> Any:
+    return apply_to_collection(value, Tensor, lambda t: t.detach().to("cpu", copy=True))
+
+
+class _WorkerGradientSync(_BackwardSyncControl):
+    """``fabric.no_backward_sync(model)``: with worker groups, DDP's ``no_sync`` inside the worker; with one rank
+    per worker a no-op (EASGD never synchronises gradients between workers), so loops written for DDP (skipping
+    the sync on accumulation steps) run unchanged."""
 
     @override
     def no_backward_sync(self, module: Module, enabled: bool) -> AbstractContextManager:
+        if enabled and isinstance(module, DistributedDataParallel):
+            return module.no_sync()
         return nullcontext()

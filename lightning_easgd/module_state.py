@@ -16,7 +16,7 @@ from torch.nn import Module
 from lightning_easgd.core import broadcast_tensors
 
 
-def elastic_tensors(module: Module, bucket_cap_mb: float) -> tuple[list[tuple[str, Tensor]], dict[str, int]]:
+def elastic_tensors(module: Module, bucket_cap_mb: float | None) -> tuple[list[tuple[str, Tensor]], dict[str, int]]:
     """Give every rank rank 0's parameters and buffers (collective), and pick the tensors to average.
 
     Every worker starts from the same point: the paper finds different starting points hurt.
@@ -38,8 +38,9 @@ def elastic_tensors(module: Module, bucket_cap_mb: float) -> tuple[list[tuple[st
 
 
 def state_with(state: Mapping[str, Any], keys: Mapping[str, int], values: Sequence[Tensor]) -> dict[str, Any]:
-    """``state`` with every averaged entry replaced by a detached copy of ``values[keys[key]]``."""
+    """``state`` with every averaged entry replaced by ``values[keys[key]]``, detached (a view: callers that keep it
+    past the next optimizer step or exchange copy it, e.g. to the host for a file)."""
     out = dict(state)
     for key, i in keys.items():
-        out[key] = values[i].detach().clone()
+        out[key] = values[i].detach()
     return out

@@ -10,7 +10,6 @@ it wraps the module in DistributedDataParallel on the worker's own process group
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -43,33 +42,21 @@ from typing_extensions import override
 
 from lightning_easgd.checkpoint_io import AtomicCheckpointIO
 from lightning_easgd.checkpointing import WorkerCheckpoints
-from lightning_easgd.core import DEFAULT_BETA, ElasticAverager, broadcast_tensors, resolve_alpha
-from lightning_easgd.core.averager import validate_center_device, validate_exchange_dtype
+from lightning_easgd.core import DEFAULT_BETA, ElasticAverager, resolve_alpha
 from lightning_easgd.core.buckets import check_device
-from lightning_easgd.core.center_momentum import (
-    check_center_momentum,
-    validate_center_momentum,
-    validate_center_nesterov,
-)
-from lightning_easgd.core.hyperparams import validate_alpha, validate_beta
-from lightning_easgd.core.schedule import ExchangeSchedule
-from lightning_easgd.core.topology import WorkerTopology, validate_ranks_per_worker, worker_topology
+from lightning_easgd.core.center_momentum import check_center_momentum
+from lightning_easgd.core.topology import WorkerTopology, worker_topology
 from lightning_easgd.core.worker import ElasticWorker, NonFinitePolicy
 from lightning_easgd.guards import PerStepSyncGuard, refuse_weight_averaging
+from lightning_easgd.module_state import elastic_tensors
+from lightning_easgd.options import (
+    ExchangeOptions,
+    Unsupported,
+    refuse_unused_worker_ddp_options,
+    worker_ddp_options,
+)
 
 log = logging.getLogger(__name__)
-
-_START_METHODS = ("popen", "spawn", "fork", "forkserver")
-_DDP_COMM_OPTIONS = {
-    "ddp_comm_state": "DDP communication hooks act on the gradient all-reduce, which EASGD does not do",
-    "ddp_comm_hook": "DDP communication hooks act on the gradient all-reduce, which EASGD does not do",
-    "ddp_comm_wrapper": "DDP communication hooks act on the gradient all-reduce, which EASGD does not do",
-    "model_averaging_period": "EASGD replaces periodic model averaging; set tau (and alpha or beta) instead",
-}
-_DDP_WRAPPER_OPTIONS = frozenset(inspect.signature(DistributedDataParallel.__init__).parameters) - {"self", "module"}
-_WORKER_DDP_OPTIONS = frozenset({"find_unused_parameters", "gradient_as_bucket_view", "static_graph"})
-"""DistributedDataParallel options that still mean something for the DDP inside a worker group (the others set what
-the strategy decides: the process group, devices, buffer broadcasting, or clash with the exchange's bucket_cap_mb)."""
 
 
 class EASGDStrategy(DDPStrategy):
@@ -189,48 +176,26 @@ class EASGDStrategy(DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **kwargs: Any,
     ) -> None:
-        self._worker_ddp_kwargs = _worker_ddp_options(kwargs, grouped=ranks_per_worker != 1)
-        schedule = ExchangeSchedule(tau, warmup_steps, warmup_tau)  # validates all three
-        self.tau, self.warmup_steps, self.warmup_tau = schedule.tau, schedule.warmup_steps, schedule.warmup_tau
-        self.center_momentum = validate_center_momentum(center_momentum)
-        self.center_nesterov = validate_center_nesterov(center_nesterov)
-        self._alpha = None if alpha is None else validate_alpha(alpha)
-        self.beta = validate_beta(beta)
-        if overlap is not None and not isinstance(overlap, bool):
-            raise ValueError(f"overlap={overlap!r} is invalid: it must be True, False or None")
-        if bucket_cap_mb is not None and (
-            isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not bucket_cap_mb > 0
-        ):
-            raise ValueError(f"bucket_cap_mb={bucket_cap_mb!r} is invalid: it must be a number > 0 (megabytes)")
-        if type(self)._create_averager is not EASGDStrategy._create_averager:
+        owner = type(self).__name__
+        self._worker_ddp_kwargs = worker_ddp_options(kwargs, owner, grouped=ranks_per_worker != 1)
+        options = ExchangeOptions.validated(
+            owner=owner, tau=tau, alpha=alpha, beta=beta, overlap=overlap, bucket_cap_mb=bucket_cap_mb,
+            save_worker_states=save_worker_states, on_nonfinite=on_nonfinite, ranks_per_worker=ranks_per_worker,
+            center_device=center_device, exchange_dtype=exchange_dtype, center_momentum=center_momentum,
+            center_nesterov=center_nesterov, warmup_steps=warmup_steps, warmup_tau=warmup_tau, timeout=timeout,
+            start_method=start_method,
             # A subclass that builds another exchange (AsyncEASGDStrategy) would otherwise ignore these.
-            for name, value, default in (("ranks_per_worker", ranks_per_worker, 1),
-                                         ("center_device", center_device, None),
-                                         ("exchange_dtype", exchange_dtype, None)):
-                if value != default:
-                    raise ValueError(
-                        f"{type(self).__name__} does not support {name}={value!r}: worker groups, a host-resident "
-                        "center and the exchange dtype belong to the synchronous averager of EASGDStrategy"
-                    )
-        self._ranks_per_worker = validate_ranks_per_worker(ranks_per_worker)
-        self.center_device = validate_center_device(center_device)
-        self.exchange_dtype = validate_exchange_dtype(exchange_dtype)
-        if overlap is None:
-            overlap = self.center_device is None
-        if overlap and self.center_device is not None:
-            raise ValueError(
-                "overlap=True cannot be combined with center_device='cpu': the host-resident center is streamed "
-                "through one device buffer bucket by bucket before the step, so there is nothing to overlap; leave "
-                "overlap unset (False with center_device='cpu')"
-            )
-        if not isinstance(save_worker_states, bool):
-            raise ValueError(f"save_worker_states={save_worker_states!r} is invalid: it must be True or False")
-        if on_nonfinite not in ("raise", "reset"):
-            raise ValueError(f"on_nonfinite={on_nonfinite!r} is invalid: choose 'raise' or 'reset'")
-        if timeout is not None and (not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0):
-            raise ValueError(f"timeout={timeout!r} is invalid: it must be a positive datetime.timedelta")
-        if start_method not in _START_METHODS:
-            raise ValueError(f"start_method={start_method!r} is invalid: choose one of {', '.join(_START_METHODS)}")
+            unsupported=None if type(self)._create_averager is EASGDStrategy._create_averager else Unsupported(
+                {"ranks_per_worker": 1, "center_device": None, "exchange_dtype": None},
+                "worker groups, a host-resident center and the exchange dtype belong to the synchronous averager of "
+                "EASGDStrategy",
+            ),
+        )
+        self.tau, self.warmup_steps, self.warmup_tau = options.tau, options.warmup_steps, options.warmup_tau
+        self.center_momentum, self.center_nesterov = options.center_momentum, options.center_nesterov
+        self._alpha, self.beta = options.alpha, options.beta
+        self._ranks_per_worker = options.ranks_per_worker
+        self.center_device, self.exchange_dtype = options.center_device, options.exchange_dtype
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -241,10 +206,10 @@ class EASGDStrategy(DDPStrategy):
             timeout=timeout,
             start_method=start_method,
         )
-        self.overlap = overlap
-        self.bucket_cap_mb = None if bucket_cap_mb is None else float(bucket_cap_mb)
-        self.save_worker_states = save_worker_states
-        self.on_nonfinite: NonFinitePolicy = on_nonfinite
+        self.overlap = options.overlap
+        self.bucket_cap_mb = options.bucket_cap_mb
+        self.save_worker_states = options.save_worker_states
+        self.on_nonfinite: NonFinitePolicy = options.on_nonfinite
         self._averager: ElasticWorker | None = None
         self._state_keys: dict[str, int] = {}  # state_dict key -> index of the averaged tensor it names
         self._checkpoints = WorkerCheckpoints(self)
@@ -371,12 +336,8 @@ class EASGDStrategy(DDPStrategy):
         check_device([*module.named_parameters(), *module.named_buffers()], self.root_device)
         self._topology = worker_topology(self._resolve_ranks_per_worker(), self.world_size, self.global_rank,
                                          timeout=self._timeout)
-        if self._worker_ddp_kwargs and self._topology.worker_group is None:
-            raise ValueError(
-                f"{', '.join(f'{k}={v!r}' for k, v in self._worker_ddp_kwargs.items())} configure the DDP inside a "
-                f"worker group, but ranks_per_worker={self._ranks_per_worker!r} gives one rank per worker here, and "
-                "such a worker is not wrapped in DistributedDataParallel; remove them"
-            )
+        refuse_unused_worker_ddp_options(self._worker_ddp_kwargs, self._ranks_per_worker,
+                                         grouped=self._topology.worker_group is not None)
         p = self._topology.num_workers
         if p < 2:
             rank_zero_warn(
@@ -395,16 +356,7 @@ class EASGDStrategy(DDPStrategy):
             warning = check_center_momentum(p * alpha, self.center_momentum, self.center_nesterov)
         if warning:
             rank_zero_warn(warning)
-        state = module.state_dict(keep_vars=True)
-        # Every rank starts from rank 0's parameters and buffers: the paper finds different starting points hurt.
-        unique: dict[int, tuple[str, Tensor]] = {}
-        for key, value in state.items():
-            if isinstance(value, Tensor):
-                unique.setdefault(id(value), (key, value))
-        broadcast_tensors([t for _, t in unique.values()], src=0, bucket_cap_mb=self.bucket_cap_mb)
-        elastic = [(key, t) for key, t in unique.values() if t.is_floating_point()]
-        index = {id(t): i for i, (_, t) in enumerate(elastic)}
-        self._state_keys = {key: index[id(v)] for key, v in state.items() if isinstance(v, Tensor) and id(v) in index}
+        elastic, self._state_keys = elastic_tensors(module, self.bucket_cap_mb)  # collective: rank 0's values
         buffers = {id(t) for _, t in module.named_buffers()}
         self._followers = tuple(key for key, t in elastic if id(t) in buffers)
         self._averager = self._create_averager(elastic, alpha)
@@ -591,27 +543,3 @@ class EASGDStrategy(DDPStrategy):
                 start_method=start_method,
             )
 
-
-def _worker_ddp_options(kwargs: Mapping[str, Any], grouped: bool) -> dict[str, Any]:
-    """The DistributedDataParallel options for the DDP inside a worker group; refuse every other DDP option."""
-    accepted: dict[str, Any] = {}
-    for name in kwargs:
-        if name in _DDP_COMM_OPTIONS:
-            raise ValueError(f"EASGDStrategy does not accept {name}={kwargs[name]!r}: {_DDP_COMM_OPTIONS[name]}.")
-        if name in _DDP_WRAPPER_OPTIONS:
-            if grouped and name in _WORKER_DDP_OPTIONS:
-                accepted[name] = kwargs[name]
-                continue
-            raise ValueError(
-                f"EASGDStrategy does not accept {name}={kwargs[name]!r}: it is an option of DistributedDataParallel, "
-                + ("and with one rank per worker EASGD never wraps the model in DistributedDataParallel (workers "
-                   "train independently between exchanges); with ranks_per_worker > 1, "
-                   f"{', '.join(sorted(_WORKER_DDP_OPTIONS))} configure the DDP inside each worker."
-                   if not grouped else
-                   "and inside a worker group the strategy sets it itself; only "
-                   f"{', '.join(sorted(_WORKER_DDP_OPTIONS))} can be passed to the DDP inside each worker.")
-            )
-    unknown = set(kwargs) - set(accepted)
-    if unknown:
-        raise TypeError(f"EASGDStrategy got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
-    return accepted

@@ -5,6 +5,7 @@ Workers are forked in-process (``start_method="fork"``); each writes what the te
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 from datetime import timedelta
@@ -18,6 +19,7 @@ from conftest import SEED, assert_close
 from lightning.fabric import Fabric
 from lightning.fabric.strategies import STRATEGY_REGISTRY
 from lightning.pytorch.strategies import StrategyRegistry
+from momentum_replay import replay_center_momentum
 from toy import COUNTS, NaNLossRegressor, ToyRegressor, count_collectives, make_dataset, replay_easgd, twins
 from torch.nn.functional import mse_loss
 from torch.utils.data import DataLoader, TensorDataset
@@ -39,7 +41,10 @@ def run(p: int, strategy: EASGDFabricStrategy, out: Path, module: ToyRegressor, 
 
 def _loop(fabric: Fabric, module: ToyRegressor, dataset: TensorDataset, out: Path, *, epochs: int,
           batch_size: int, first_epoch: int = 0, closure: bool = False, accumulate: int = 1, load: Path | None = None,
-          save: Path | None = None, probe_center: bool = False) -> None:
+          save: Path | None = None, save_in_center: bool = False, probe_center: bool = False,
+          rank_seed: int | None = None) -> None:
+    if rank_seed is not None:  # forked ranks inherit one RNG state; this gives each its own (dropout)
+        torch.manual_seed(rank_seed + fabric.global_rank)
     model, optimizer = fabric.setup(module, module.configure_optimizers())
     loader = fabric.setup_dataloaders(DataLoader(dataset, batch_size=batch_size, shuffle=True))
     strategy = fabric.strategy
@@ -83,17 +88,22 @@ def _loop(fabric: Fabric, module: ToyRegressor, dataset: TensorDataset, out: Pat
                 optimizer.step()
             rec["collectives"].append({k: n - before.get(k, 0) for k, n in COUNTS.items() if n != before.get(k, 0)})
         if save is not None:
-            fabric.save(save / f"epoch={epoch}.ckpt", {"model": model, "optimizer": optimizer, "epoch": epoch})
-            fabric.save(save / "last.ckpt", {"model": model, "optimizer": optimizer, "epoch": epoch})
+            with strategy.center() if save_in_center else contextlib.nullcontext():  # e.g. after evaluating it
+                fabric.save(save / f"epoch={epoch}.ckpt", {"model": model, "optimizer": optimizer, "epoch": epoch})
+                fabric.save(save / "last.ckpt", {"model": model, "optimizer": optimizer, "epoch": epoch})
     averager = strategy.averager
     rec.update(
         local={k: v.clone() for k, v in module.state_dict().items()},
         center={n: v.clone() for n, v in zip(averager.names, averager.center_values())},
         optim=copy.deepcopy(optimizer.state_dict()),
         stats=averager.pop_stats(),
+        velocity={k: v.clone() for k, v in (averager.center_velocity() or {}).items()},
         alpha=averager.alpha,
         buckets=len(averager.layout.buckets),
+        topology=(strategy.num_workers, strategy.ranks_per_worker, strategy.worker_index, strategy.rank_in_worker),
         wrapped=type(model._forward_module).__name__,
+        exchange=(averager.bytes_per_exchange, averager.device_buffer_bytes < averager.buffer_bytes,
+                  strategy.overlap),
     )
     if probe_center:
         rec.update(_probe_center(fabric, model, module, optimizer, dataset))
@@ -133,7 +143,8 @@ def _same_optimizer_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
 @pytest.fixture
 def warnings_(monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> Any:
     """The strategy's warnings, also from forked workers (printed to the inherited stderr)."""
-    monkeypatch.setattr("lightning_easgd.fabric.rank_zero_warn", lambda msg, *a, **k: print(msg, file=sys.stderr))
+    for where in ("lightning_easgd.fabric", "lightning_easgd.checkpointing"):
+        monkeypatch.setattr(f"{where}.rank_zero_warn", lambda msg, *a, **k: print(msg, file=sys.stderr))
     capfd.readouterr()
     return lambda: capfd.readouterr().err
 
@@ -156,7 +167,10 @@ def test_registered_in_fabrics_own_registry() -> None:
     [
         {"tau": 0}, {"tau": 2.5}, {"alpha": 1.0}, {"alpha": 0}, {"beta": 2.0}, {"overlap": "yes"},
         {"bucket_cap_mb": 0}, {"bucket_cap_mb": True}, {"save_worker_states": 1}, {"on_nonfinite": "ignore"},
-        {"timeout": 30}, {"timeout": timedelta(0)}, {"start_method": "thread"},
+        {"timeout": 30}, {"timeout": timedelta(0)}, {"start_method": "thread"}, {"ranks_per_worker": 0},
+        {"center_device": "cuda"}, {"center_device": "cpu", "overlap": True}, {"exchange_dtype": "float16"},
+        {"center_momentum": 1.0}, {"center_nesterov": "yes"}, {"warmup_steps": -1},
+        {"tau": 4, "warmup_steps": 10, "warmup_tau": 5},
     ],
 )
 def test_bad_options_are_refused_as_by_the_trainer_strategy(bad: dict[str, Any]) -> None:
@@ -175,6 +189,15 @@ def test_ddp_options_are_refused() -> None:
         EASGDFabricStrategy(model_averaging_period=4)
     with pytest.raises(TypeError, match="unexpected keyword argument.*: taux"):
         EASGDFabricStrategy(taux=3)
+    with pytest.raises(ValueError, match=r"broadcast_buffers=False: .* inside a worker group the strategy sets it"):
+        EASGDFabricStrategy(ranks_per_worker=2, broadcast_buffers=False)
+
+
+def test_defaults_are_the_trainer_strategys() -> None:
+    fabric, trainer = EASGDFabricStrategy(), EASGDStrategy()
+    for name in ("tau", "beta", "overlap", "bucket_cap_mb", "save_worker_states", "on_nonfinite"):
+        assert getattr(fabric, name) == getattr(trainer, name), name
+    assert EASGDFabricStrategy(center_device="cpu").overlap is False  # as for the Trainer: a host center cannot
 
 
 # ---------------------------------------------------------------------- the rule
@@ -227,6 +250,115 @@ def test_matches_replay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, p: int,
         assert rec["optim_untouched"]
         assert_close(rec["adopted"], expected.center, ATOL, f"rank {rank} after adopt_center()")
     assert not torch.equal(records[0]["local"]["net.0.weight"], records[1]["local"]["net.0.weight"])
+
+
+WARMUP_STEPS = [2, 4, 6, 8, 12, 16, 20]  # warm-up period 2 below step 7, then tau = 4 (24 steps)
+
+
+@pytest.mark.parametrize(
+    ("options", "due"),
+    [
+        ({"tau": 3, "center_momentum": 0.5}, lambda t: t > 0 and t % 3 == 0),
+        ({"tau": 4, "warmup_steps": 7, "warmup_tau": 2, "center_momentum": 0.9, "center_nesterov": True},
+         WARMUP_STEPS.__contains__),
+    ],
+    ids=["heavy-ball", "nesterov-warmup"],
+)
+def test_center_momentum_and_warmup_match_replay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 options: dict[str, Any], due: Any) -> None:
+    """The averager options reach the Fabric strategy's exchange: the same replay as the Trainer's momentum tests."""
+    module, init = twins(ToyRegressor, 1, lr=0.1, momentum=0.9, nesterov=True)
+    dataset = make_dataset(48)
+    count_collectives(monkeypatch)
+    records = run(2, EASGDFabricStrategy(start_method="fork", **options), tmp_path, module, dataset, epochs=2,
+                  batch_size=2)
+    momentum, nesterov = options["center_momentum"], options.get("center_nesterov", False)
+    expected = replay_center_momentum(init, dataset, p=2, alpha=0.45, momentum=momentum, nesterov=nesterov,
+                                      due=due, epochs=2, batch_size=2, seed=SEED)
+    if "warmup_steps" in options:
+        assert expected.exchange_steps == WARMUP_STEPS
+    for rank, rec in enumerate(records):
+        assert [t for t, calls in enumerate(rec["collectives"]) if calls] == expected.exchange_steps
+        assert_close(rec["local"], expected.workers[rank], ATOL, f"worker {rank} local weights")
+        assert_close(rec["center"], expected.center, ATOL, f"rank {rank} center")
+        assert_close(rec["velocity"], expected.velocity, ATOL, f"rank {rank} center velocity")
+    plain = replay_center_momentum(init, dataset, p=2, alpha=0.45, momentum=0.0, nesterov=False, due=due, epochs=2,
+                                   batch_size=2, seed=SEED)
+    assert (records[0]["center"]["net.0.weight"] - plain.center["net.0.weight"]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("options", [{"center_device": "cpu"}, {"exchange_dtype": "bfloat16"}])
+def test_host_center_and_bf16_exchange_match_replay(tmp_path: Path, options: dict[str, Any]) -> None:
+    module, init = twins(ToyRegressor, 11, lr=0.1, weight_decay=1e-3, momentum=0.9, nesterov=True)
+    dataset = make_dataset(48)
+    strategy = EASGDFabricStrategy(tau=2, start_method="fork", **options)
+    records = run(2, strategy, tmp_path, module, dataset, epochs=2, batch_size=4)
+    wire = torch.bfloat16 if "exchange_dtype" in options else None
+    numel = sum(v.numel() for v in init.state_dict().values() if v.is_floating_point())
+    expected = replay_easgd(init, dataset, p=2, tau=2, alpha=0.45, epochs=2, batch_size=4, seed=SEED,
+                            exchange_dtype=wire)
+    for rank, rec in enumerate(records):
+        host = "center_device" in options  # center and d_i in host memory, not overlapped
+        assert rec["exchange"] == (numel * (2 if wire else 8), host, not host)
+        assert_close(rec["local"], expected.workers[rank], ATOL, f"worker {rank} local weights")
+        assert_close(rec["center"], expected.center, ATOL, f"rank {rank} center")
+    if wire is not None:  # the bf16 rounding of d_i is visible: the full-precision replay is elsewhere
+        full = replay_easgd(init, dataset, p=2, tau=2, alpha=0.45, epochs=2, batch_size=4, seed=SEED)
+        assert (records[0]["center"]["net.0.weight"] - full.center["net.0.weight"]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize(("tau", "batch_size", "accumulate"), [(2, 2, 1), (1, 2, 2)])
+def test_worker_groups_match_replay(tmp_path: Path, tau: int, batch_size: int, accumulate: int) -> None:
+    """2 workers of 2 ranks: DDP on each worker's own process group averages its ranks' gradients every step
+    (``fabric.no_backward_sync`` skips that on accumulation micro-batches), the exchange runs between the workers."""
+    module, init = twins(ToyRegressor, 11, lr=0.1, weight_decay=1e-3, momentum=0.9, nesterov=True)
+    dataset = make_dataset(48)
+    strategy = EASGDFabricStrategy(tau=tau, ranks_per_worker=2, start_method="fork")
+    records = run(4, strategy, tmp_path, module, dataset, epochs=2, batch_size=batch_size, accumulate=accumulate,
+                  probe_center=True)
+    expected = replay_easgd(init, dataset, p=2, tau=tau, alpha=0.45, epochs=2, batch_size=batch_size, seed=SEED,
+                            ranks_per_worker=2, accumulate=accumulate)
+    assert len(expected.exchanges) >= 3
+    for rank, rec in enumerate(records):
+        assert rec["wrapped"] == "DistributedDataParallel"
+        assert rec["topology"] == (2, 2, rank // 2, rank % 2)
+        assert rec["alpha"] == pytest.approx(0.45)
+        assert_close(rec["local"], expected.workers[rank // 2], ATOL, f"rank {rank} (worker {rank // 2})")
+        assert_close(rec["center"], expected.center, ATOL, f"rank {rank} center")
+        # center() and adopt_center() with a sharded center: the full center in, the local weights back exactly.
+        assert_close(rec["seen"], expected.center, ATOL, f"rank {rank} weights inside center()")
+        assert_close(rec["restored"], rec["local"], 0.0, f"rank {rank} after center()")
+        assert rec["same_objects"] and rec["still_same_objects"] and rec["optim_untouched"]
+        assert_close(rec["adopted"], expected.center, ATOL, f"rank {rank} after adopt_center()")
+    assert not torch.equal(records[0]["local"]["net.0.weight"], records[2]["local"]["net.0.weight"])
+
+
+def test_worker_groups_save_and_resume_exactly(tmp_path: Path, warnings_: Any) -> None:
+    """2 workers of 2 ranks: one file per worker, written by its first rank with both ranks' RNG states; resuming
+    reproduces the uninterrupted run (dropout: every rank's own generator matters). Saved with the center swapped in,
+    where the worker's local values are gathered from its ranks' slices."""
+    dataset = make_dataset(48, dtype=torch.float32)
+    torch.manual_seed(14)
+    init = _resume_model().state_dict()
+    straight = _resume_model()
+    straight.load_state_dict(init)
+    ckpt = tmp_path / "ckpt"
+    full = run(4, EASGDFabricStrategy(tau=2, ranks_per_worker=2, timeout=timedelta(seconds=60), start_method="fork"),
+               tmp_path / "full", straight, dataset, epochs=2, batch_size=2, save=ckpt, save_in_center=True,
+               rank_seed=100)
+    section = torch.load(ckpt / "epoch=0.ckpt", weights_only=True)["easgd"]
+    assert section["num_workers"] == 2 and section["ranks_per_worker"] == 2 and len(section["worker_files"]) == 2
+    for g in range(2):
+        mine = torch.load(ckpt / section["worker_files"][g], weights_only=True)
+        assert mine["worker"] == g and len(mine["rng"]) == 2
+        assert not torch.equal(mine["rng"][0]["torch"], mine["rng"][1]["torch"]), "each rank's own generator"
+    second = run(4, EASGDFabricStrategy(tau=2, ranks_per_worker=2, start_method="fork"), tmp_path / "second",
+                 _resume_model(), dataset, epochs=2, batch_size=2, first_epoch=1, load=ckpt / "epoch=0.ckpt",
+                 rank_seed=200)
+    for rank in range(4):
+        assert_close(second[rank]["local"], full[rank]["local"], 1e-6, f"rank {rank} after resume")
+        assert_close(second[rank]["center"], full[rank]["center"], 1e-6, "center after resume")
+    assert not torch.equal(full[0]["local"]["net.0.weight"], full[2]["local"]["net.0.weight"])
 
 
 def test_gradient_accumulation(tmp_path: Path) -> None:
@@ -304,13 +436,16 @@ def test_save_and_resume_exactly(tmp_path: Path) -> None:
     assert_close(main["model"], full[0]["center"], 0.0, "saved center")
     assert main["epoch"] == 1
     section = main["easgd"]
-    assert section["world_size"] == 2 and section["tau"] == 2 and section["clock"] == 12
+    assert section["num_workers"] == 2 and section["tau"] == 2 and section["clock"] == 12
     assert section["alpha"] == pytest.approx(0.45)
-    # Each worker's file, written by that worker; saving twice over last.ckpt kept only the newest files.
-    assert [d.name for d in (ckpt / "last.ckpt.workers").iterdir()] == [Path(section["workers"]).name]
+    assert "center_velocity" not in section  # no center momentum
+    # Each worker's file, written by that worker (the Trainer strategy's layout); saving twice over last.ckpt kept
+    # only the newest files.
+    assert [d.name for d in (ckpt / "last.ckpt.workers").iterdir()] == [section["save_id"]]
+    assert section["worker_files"] == [f"last.ckpt.workers/{section['save_id']}/worker_{g:05d}.pt" for g in range(2)]
     for rank in range(2):
-        mine = torch.load(ckpt / section["workers"] / f"worker_{rank:05d}.pt", weights_only=True)
-        assert mine["rank"] == rank and mine["clock"] == 12
+        mine = torch.load(ckpt / section["worker_files"][rank], weights_only=True)
+        assert mine["worker"] == rank and mine["save_id"] == section["save_id"] and mine["num_workers"] == 2
         assert_close(mine["state_dict"], full[rank]["local"], 0.0, f"worker {rank} file")
         assert mine["optimizer_states"][0]["state"], "momentum buffers are saved"
 
@@ -324,6 +459,36 @@ def test_save_and_resume_exactly(tmp_path: Path) -> None:
             assert torch.allclose(got["momentum_buffer"], want["momentum_buffer"], atol=1e-6)
         assert [s.step for s in second[rank]["stats"]] == [6, 8, 10]  # the clock was restored
     assert not torch.equal(full[0]["local"]["net.0.weight"], full[1]["local"]["net.0.weight"])
+
+
+def test_center_velocity_travels_in_checkpoints_and_resumes_exactly(tmp_path: Path, warnings_: Any) -> None:
+    """Center momentum and a warm-up: 2 epochs straight == 1 epoch, save, load, 1 more; v comes from the file."""
+    dataset = make_dataset(48, dtype=torch.float32)
+    torch.manual_seed(13)
+    init = _resume_model().state_dict()
+    options = {"tau": 3, "warmup_steps": 8, "warmup_tau": 1, "center_momentum": 0.5, "center_nesterov": True}
+    straight = _resume_model()
+    straight.load_state_dict(init)
+    ckpt = tmp_path / "ckpt"
+    full = run(2, EASGDFabricStrategy(start_method="fork", **options), tmp_path / "full", straight, dataset,
+               epochs=2, batch_size=4, save=ckpt)
+    last = torch.load(ckpt / "last.ckpt", weights_only=True)["easgd"]
+    assert_close(last["center_velocity"], full[0]["velocity"], 0.0, "saved velocity")
+    saved = torch.load(ckpt / "epoch=0.ckpt", weights_only=True)["easgd"]["center_velocity"]
+    assert max(v.abs().max().item() for v in saved.values()) > 1e-3, "a zero velocity would prove nothing"
+
+    second = run(2, EASGDFabricStrategy(start_method="fork", **options), tmp_path / "second", _resume_model(),
+                 dataset, epochs=2, batch_size=4, first_epoch=1, load=ckpt / "epoch=0.ckpt")
+    for rank in range(2):
+        assert_close(second[rank]["local"], full[rank]["local"], 1e-6, f"worker {rank} after resume")
+        assert_close(second[rank]["center"], full[rank]["center"], 1e-6, "center after resume")
+        assert_close(second[rank]["velocity"], full[rank]["velocity"], 1e-6, "velocity after resume")
+        assert [s.step for s in second[rank]["stats"]] == [6, 7, 9]  # warm-up until step 8, then tau = 3
+    warnings_()
+    plain = run(2, EASGDFabricStrategy(tau=3, start_method="fork"), tmp_path / "plain", _resume_model(), dataset,
+                epochs=1, batch_size=4, first_epoch=1, load=ckpt / "epoch=0.ckpt")
+    assert "the velocity is dropped" in warnings_()
+    assert plain[0]["velocity"] == {}
 
 
 def test_resume_with_more_workers(tmp_path: Path, warnings_: Any) -> None:
@@ -342,7 +507,7 @@ def test_resume_with_more_workers(tmp_path: Path, warnings_: Any) -> None:
     for rank, rec in enumerate(records):
         assert rec["alpha"] == pytest.approx(0.3)
         if rank < 2:
-            mine = torch.load(ckpt / main["easgd"]["workers"] / f"worker_{rank:05d}.pt", weights_only=True)
+            mine = torch.load(ckpt / main["easgd"]["worker_files"][rank], weights_only=True)
             assert_close(rec["start_state"], mine["state_dict"], 0.0, f"worker {rank}")
             assert rec["start_optim"]["state"], f"worker {rank} keeps its momentum"
         else:
@@ -361,7 +526,7 @@ def test_without_worker_states(tmp_path: Path, warnings_: Any) -> None:
     run(2, EASGDFabricStrategy(tau=2, save_worker_states=False, start_method="fork"), tmp_path / "b",
         ToyRegressor(), dataset, epochs=1, batch_size=4, save=ckpt)
     main = torch.load(ckpt / "last.ckpt", weights_only=True)
-    assert "workers" not in main["easgd"]
+    assert "worker_files" not in main["easgd"]
     assert not (ckpt / "last.ckpt.workers").exists(), "worker files no checkpoint names are removed"
     warnings_()
     records = run(2, EASGDFabricStrategy(tau=2, start_method="fork"), tmp_path / "c", ToyRegressor(), dataset,

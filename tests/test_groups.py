@@ -301,3 +301,20 @@ def test_worker_ddp_options_are_passed_inside_groups_only(tmp_path: Path) -> Non
         EASGDStrategy(find_unused_parameters=True)
     with pytest.raises(ValueError, match=r"broadcast_buffers=False: .* inside a worker group the strategy sets it"):
         EASGDStrategy(ranks_per_worker=2, broadcast_buffers=False)
+
+
+def test_groups_checkpoint_saved_during_validation(tmp_path: Path) -> None:
+    """With validation every second epoch, ModelCheckpoint saves at validation end, while the center is swapped in:
+    every rank of a worker takes part in gathering its local values, and the worker files hold them."""
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last", save_top_k=1)
+    _, records = fit_fork(ToyRegressor(momentum=0.9), make_dataset(48), tmp_path, p=4, epochs=2, batch_size=2,
+                          enable_checkpointing=True, callbacks=[checkpoints], check_val_every_n_epoch=2,
+                          strategy=EASGDStrategy(tau=2, ranks_per_worker=2, timeout=timedelta(seconds=60),
+                                                 start_method="fork"))
+    path = tmp_path / "ckpt" / "last.ckpt"
+    section = torch.load(path, weights_only=True)["easgd"]
+    assert section["clock"] == 12
+    for g, name in enumerate(section["worker_files"]):
+        mine = torch.load(path.parent / name, weights_only=True)
+        assert_close(mine["state_dict"], records[2 * g]["local"], 0.0, f"worker {g}'s file")
+    assert_close(torch.load(path, weights_only=True)["state_dict"], records[0]["center"], 0.0, "center")
