@@ -33,8 +33,6 @@ from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.fabric.strategies.strategy import _BackwardSyncControl
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from lightning.fabric.utilities.types import _PATH, Optimizable
-from lightning_utilities.core.apply_func import apply_to_collection
-from torch import Tensor
 from torch.nn import Module
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
@@ -48,6 +46,7 @@ from lightning_easgd.checkpointing import (
     WorkerFiles,
     center_state,
     check_section,
+    checkpoint_section,
     describe_more_ranks,
     describe_resize,
     resume_center_velocity,
@@ -248,15 +247,7 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
                 output = super().optimizer_step(optimizer, **kwargs)
         finally:
             self._step, self._exchange_in_flight = None, False
-        assert self._averager is not None
-        for t, ranks in self._averager.pop_resets():  # worker indices
-            rank_zero_warn(
-                f"EASGD: worker(s) {', '.join(map(str, ranks))} had non-finite weights at optimizer step {t}; their "
-                "contribution was dropped and they were reset to the center with empty optimizer state."
-            )
-            if self.worker_index in ranks:
-                for opt in self._optimizers:
-                    opt.state.clear()
+        self._apply_resets(self._optimizers)
         return output
 
     # ------------------------------------------------------------------ the center
@@ -337,18 +328,8 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
                 "with EASGD; its entry carries the center, so include it (e.g. state={'model': model, ...})"
             )
         self._refuse_in_flight("fabric.save()")
-        section: dict[str, Any] = {
-            "format": CHECKPOINT_FORMAT,
-            "world_size": self.world_size,
-            "num_workers": self.num_workers,
-            "ranks_per_worker": self.ranks_per_worker,
-            "tau": self.tau,
-            "alpha": averager.alpha,
-            "clock": averager.clock,
-        }
-        velocity = averager.center_velocity()  # collective within a worker group, like the center
-        if velocity is not None:  # identical on every rank, like the center: it travels in the checkpoint file
-            section["center_velocity"] = {k: _to_cpu(v) if self.is_global_zero else v for k, v in velocity.items()}
+        section = checkpoint_section(averager, world_size=self.world_size, num_workers=self.num_workers,
+                                     ranks_per_worker=self.ranks_per_worker, tau=self.tau, writer=self.is_global_zero)
         save_id = None
         if self.save_worker_states:
             save_id = self._files.new_save_id(averager.clock)
@@ -458,10 +439,6 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
                 description=f"Synchronous Elastic Averaging SGD (Fabric) with start_method '{start_method}'",
                 start_method=start_method,
             )
-
-
-def _to_cpu(value: Any) -> Any:
-    return apply_to_collection(value, Tensor, lambda t: t.detach().to("cpu", copy=True))
 
 
 class _WorkerGradientSync(_BackwardSyncControl):

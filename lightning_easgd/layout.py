@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -19,6 +19,7 @@ import torch.distributed as dist
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.nn import Module
+from torch.optim import Optimizer
 
 from lightning_easgd.core import ElasticAverager, resolve_alpha
 from lightning_easgd.core.buckets import check_device
@@ -176,3 +177,16 @@ class WorkerLayout:
                                center_nesterov=options.center_nesterov, warmup_steps=options.warmup_steps,
                                warmup_tau=options.warmup_tau,
                                follow_first_rank=self._followers if topology.worker_group is not None else ())
+
+    def _apply_resets(self, optimizers: Iterable[Optimizer]) -> None:
+        """After a step: name the workers the divergence guard (``on_nonfinite="reset"``) restarted from the center,
+        and empty the optimizers' state on their ranks (momentum belongs to the diverged trajectory)."""
+        assert self._averager is not None
+        for step, workers in self._averager.pop_resets():
+            rank_zero_warn(
+                f"EASGD: worker(s) {', '.join(map(str, workers))} had non-finite weights at optimizer step {step}; "
+                "their contribution was dropped and they were reset to the center with empty optimizer state."
+            )
+            if self.worker_index in workers:
+                for opt in optimizers:
+                    opt.state.clear()

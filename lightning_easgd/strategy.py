@@ -32,7 +32,6 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.nn import Module
 from torch.nn.parallel import DistributedDataParallel
@@ -324,14 +323,7 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
         with self._averager.step():
             output = super().optimizer_step(optimizer, closure, model, **kwargs)
         self._sync_guard.check(self.lightning_module.trainer)
-        for step, workers in self._averager.pop_resets():
-            rank_zero_warn(
-                f"EASGD: worker(s) {', '.join(map(str, workers))} had non-finite weights at optimizer step {step}; "
-                "their contribution was dropped and they were reset to the center with empty optimizer state."
-            )
-            if self.worker_index in workers:
-                for opt in self.optimizers:
-                    opt.state.clear()
+        self._apply_resets(self.optimizers)
         return output
 
     @override

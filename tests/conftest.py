@@ -39,7 +39,7 @@ def _clean_env() -> Any:
 def messages(monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> Any:
     """Read what the strategy logs or warns, also from forked workers (their log handlers and warning recorders
     live in the child, so the messages are printed to the inherited stderr instead)."""
-    for module in ("strategy", "layout", "checkpointing"):
+    for module in ("layout", "checkpointing"):
         monkeypatch.setattr(f"lightning_easgd.{module}.rank_zero_warn",
                             lambda msg, *a, **k: print(msg, file=sys.stderr))
     capfd.readouterr()
