@@ -347,18 +347,9 @@ class WorkerCheckpoints:
         self._saved = None
         if averager is None or "optimizer_states" not in checkpoint:
             return
-        section: dict[str, Any] = {
-            "format": CHECKPOINT_FORMAT,
-            "world_size": strategy.world_size,
-            "num_workers": strategy.num_workers,
-            "ranks_per_worker": strategy.ranks_per_worker,
-            "tau": strategy.tau,
-            "alpha": averager.alpha,
-            "clock": averager.clock,
-        }
-        velocity = averager.center_velocity()  # collective within a worker group, like the center
-        if velocity is not None:  # identical on every rank, like the center: it travels in the checkpoint file
-            section["center_velocity"] = {k: _to_cpu(v) if strategy.is_global_zero else v for k, v in velocity.items()}
+        section = checkpoint_section(averager, world_size=strategy.world_size, num_workers=strategy.num_workers,
+                                     ranks_per_worker=strategy.ranks_per_worker, tau=strategy.tau,
+                                     writer=strategy.is_global_zero)
         if strategy.save_worker_states:
             save_id = self._files.new_save_id(int(checkpoint.get("global_step", 0)))
             names = [worker_file_name(filepath, save_id, g) for g in range(strategy.num_workers)]
@@ -480,6 +471,30 @@ class WorkerCheckpoints:
             # draws its base seed from the global generator (the sanity check runs under isolate_rng).
             restore_rng_state(pending.rng)
         return True
+
+
+def checkpoint_section(averager: ElasticWorker, *, world_size: int, num_workers: int, ranks_per_worker: int | str,
+                       tau: int, writer: bool) -> dict[str, Any]:
+    """The ``"easgd"`` section of a checkpoint, before its worker files are added: the layout and clock it was saved
+    with (what a resume checks and warns against) and the center momentum's velocity.
+
+    Collective within a worker group (the velocity is gathered like the center); every rank calls it. The velocity
+    is identical on every rank, like the center, so it travels in the checkpoint file: the rank that writes the file
+    (``writer``) gets host copies, the others views that cost nothing.
+    """
+    section: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT,
+        "world_size": world_size,
+        "num_workers": num_workers,
+        "ranks_per_worker": ranks_per_worker,
+        "tau": tau,
+        "alpha": averager.alpha,
+        "clock": averager.clock,
+    }
+    velocity = averager.center_velocity()
+    if velocity is not None:
+        section["center_velocity"] = {k: _to_cpu(v) if writer else v for k, v in velocity.items()}
+    return section
 
 
 def resume_center_velocity(averager: ElasticWorker, velocity: Mapping[str, Tensor] | None) -> None:

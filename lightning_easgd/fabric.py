@@ -17,7 +17,6 @@ forward, the backward and the optimizer update.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
@@ -26,7 +25,6 @@ from datetime import timedelta
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from lightning.fabric.accelerators import Accelerator
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, Precision
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
@@ -35,8 +33,6 @@ from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.fabric.strategies.strategy import _BackwardSyncControl
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from lightning.fabric.utilities.types import _PATH, Optimizable
-from lightning_utilities.core.apply_func import apply_to_collection
-from torch import Tensor
 from torch.nn import Module
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
@@ -50,24 +46,21 @@ from lightning_easgd.checkpointing import (
     WorkerFiles,
     center_state,
     check_section,
+    checkpoint_section,
     describe_more_ranks,
     describe_resize,
     resume_center_velocity,
     worker_file_name,
     worker_file_state,
 )
-from lightning_easgd.core import DEFAULT_BETA, ElasticAverager, resolve_alpha
-from lightning_easgd.core.buckets import check_device
-from lightning_easgd.core.center_momentum import check_center_momentum
+from lightning_easgd.core import DEFAULT_BETA, ElasticAverager
 from lightning_easgd.core.worker import NonFinitePolicy
-from lightning_easgd.module_state import elastic_tensors
-from lightning_easgd.core.topology import WorkerTopology, worker_topology
-from lightning_easgd.options import ExchangeOptions, refuse_unused_worker_ddp_options, worker_ddp_options
+from lightning_easgd.layout import WorkerLayout
+from lightning_easgd.options import ExchangeOptions, worker_ddp_options
 from lightning_easgd.rng import restore_rng_state
 
-log = logging.getLogger(__name__)
 
-class EASGDFabricStrategy(DDPStrategy):
+class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
     """Synchronous Elastic Averaging SGD (Zhang, Choromanska & LeCun, NIPS 2015, Eq. 5-6) for Fabric.
 
     Each of the p workers trains its own copy x_i with its own optimizer. Every ``optimizer.step()`` is one tick
@@ -164,6 +157,7 @@ class EASGDFabricStrategy(DDPStrategy):
             center_nesterov=center_nesterov, warmup_steps=warmup_steps, warmup_tau=warmup_tau, timeout=timeout,
             start_method=start_method,
         )
+        self._keep_options(options)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -174,22 +168,12 @@ class EASGDFabricStrategy(DDPStrategy):
             timeout=options.timeout,
             start_method=start_method,
         )
-        self._options = options
-        self.tau = options.tau
-        self._alpha = options.alpha
-        self.beta = options.beta
-        self.overlap = options.overlap
-        self.bucket_cap_mb = options.bucket_cap_mb
-        self.save_worker_states = options.save_worker_states
-        self.on_nonfinite: NonFinitePolicy = options.on_nonfinite
         self._backward_sync_control = _WorkerGradientSync()
-        self._topology: WorkerTopology | None = None
         self._files = WorkerFiles(self)
         self._averager: ElasticAverager | None = None
         self._module: Module | None = None
         self._wrapped: Module | None = None  # what setup_module returned: the module, or its DDP in a worker group
         self._optimizers: list[Optimizer] = []
-        self._state_keys: dict[str, int] = {}  # state_dict key -> index of the averaged tensor it names
         self._hook: RemovableHandle | None = None
         self._step: ExitStack | None = None  # the optimizer step in progress (opened, not yet closed)
         self._exchange_in_flight = False  # whether that step started an exchange
@@ -202,40 +186,6 @@ class EASGDFabricStrategy(DDPStrategy):
         ``averager.pop_stats()``); None before ``fabric.setup`` and after :meth:`adopt_center`."""
         return self._averager
 
-    @property
-    def ranks_per_worker(self) -> int | str:
-        """k, the ranks of one worker: an int after setup (``"node"`` resolves to the processes per node)."""
-        return self._topology.ranks_per_worker if self._topology is not None else self._options.ranks_per_worker
-
-    @property
-    def num_workers(self) -> int:
-        """p, the number of EASGD workers (world size / ranks per worker)."""
-        return self.world_size // self._resolve_ranks_per_worker()
-
-    @property
-    def worker_index(self) -> int:
-        """g, this rank's worker (global rank // ranks per worker)."""
-        return self.global_rank // self._resolve_ranks_per_worker()
-
-    @property
-    def rank_in_worker(self) -> int:
-        """j, this rank's place in its worker; it owns slice j of the center."""
-        return self.global_rank % self._resolve_ranks_per_worker()
-
-    @property
-    def worker_group(self) -> dist.ProcessGroup | None:
-        """The process group of this rank's worker after setup (None with one rank per worker)."""
-        return self._topology.worker_group if self._topology is not None else None
-
-    def _resolve_ranks_per_worker(self) -> int:
-        k = self._options.ranks_per_worker
-        return self.num_processes if k == "node" else int(k)
-
-    @property
-    def alpha(self) -> float | None:
-        """The moving rate in use (resolved from β and the world size at setup when not given)."""
-        return self._averager.alpha if self._averager is not None else self._alpha
-
     # ------------------------------------------------------------------ setup
 
     @override
@@ -247,44 +197,12 @@ class EASGDFabricStrategy(DDPStrategy):
                 f"{type(self).__name__} trains one model per run, and fabric.setup() was already called with a "
                 f"{type(self._module).__name__}; EASGD averages that model's weights with its center."
             )
-        options = self._options
-        check_device([*module.named_parameters(), *module.named_buffers()], self.root_device)
-        topology = worker_topology(self._resolve_ranks_per_worker(), self.world_size, self.global_rank,
-                                   timeout=self._timeout)
-        refuse_unused_worker_ddp_options(self._worker_ddp_kwargs, options.ranks_per_worker,
-                                         grouped=topology.worker_group is not None)
-        self._topology = topology
-        p = topology.num_workers
-        if p < 2:
-            rank_zero_warn(
-                f"{type(self).__name__} is running with a single worker: EASGD needs at least 2 workers to average; "
-                "the elastic pull still runs, without any communication between workers."
-            )
-        alpha, warning = resolve_alpha(options.alpha, options.beta, p)
-        if options.center_momentum:  # momentum moves the overshoot threshold (and the divergence bound)
-            warning = check_center_momentum(p * alpha, options.center_momentum, options.center_nesterov)
-        if warning:
-            rank_zero_warn(warning)
-        elastic, self._state_keys = elastic_tensors(module, options.bucket_cap_mb)  # collective: rank 0's values
-        grouped = topology.worker_group is not None
-        buffers = {id(t) for _, t in module.named_buffers()}
-        self._averager = ElasticAverager(
-            elastic, tau=options.tau, alpha=alpha, group=topology.column_group, bucket_cap_mb=options.bucket_cap_mb,
-            overlap=options.overlap, on_nonfinite=options.on_nonfinite, timeout=self._timeout,
-            worker_group=topology.worker_group, center_device=options.center_device,
-            exchange_dtype=options.exchange_dtype, center_momentum=options.center_momentum,
-            center_nesterov=options.center_nesterov, warmup_steps=options.warmup_steps,
-            warmup_tau=options.warmup_tau,
-            follow_first_rank=tuple(key for key, t in elastic if id(t) in buffers) if grouped else (),
-        )
+        self._averager = self._start_exchange(module, type(self).__name__, self._elastic_averager)
         self._module = module
         self._hook = module.register_forward_pre_hook(self._open_step_on_forward)
-        log.debug("EASGD: %d workers of %d ranks, tau=%d, alpha=%g, %d tensors of %d bytes in %d buckets", p,
-                  topology.ranks_per_worker, self.tau, alpha, len(elastic), self._averager.layout.nbytes,
-                  len(self._averager.layout.buckets))
-        if grouped:
+        if self.worker_group is not None:
             # Inside a worker, gradients are averaged every step by DDP on the worker's own process group.
-            self._ddp_kwargs = {"process_group": topology.worker_group, **self._worker_ddp_kwargs}
+            self._ddp_kwargs = {"process_group": self.worker_group, **self._worker_ddp_kwargs}
             self._wrapped = super().setup_module(module)
         else:
             self._wrapped = module
@@ -329,15 +247,7 @@ class EASGDFabricStrategy(DDPStrategy):
                 output = super().optimizer_step(optimizer, **kwargs)
         finally:
             self._step, self._exchange_in_flight = None, False
-        assert self._averager is not None
-        for t, ranks in self._averager.pop_resets():  # worker indices
-            rank_zero_warn(
-                f"EASGD: worker(s) {', '.join(map(str, ranks))} had non-finite weights at optimizer step {t}; their "
-                "contribution was dropped and they were reset to the center with empty optimizer state."
-            )
-            if self.worker_index in ranks:
-                for opt in self._optimizers:
-                    opt.state.clear()
+        self._apply_resets(self._optimizers)
         return output
 
     # ------------------------------------------------------------------ the center
@@ -418,18 +328,8 @@ class EASGDFabricStrategy(DDPStrategy):
                 "with EASGD; its entry carries the center, so include it (e.g. state={'model': model, ...})"
             )
         self._refuse_in_flight("fabric.save()")
-        section: dict[str, Any] = {
-            "format": CHECKPOINT_FORMAT,
-            "world_size": self.world_size,
-            "num_workers": self.num_workers,
-            "ranks_per_worker": self.ranks_per_worker,
-            "tau": self.tau,
-            "alpha": averager.alpha,
-            "clock": averager.clock,
-        }
-        velocity = averager.center_velocity()  # collective within a worker group, like the center
-        if velocity is not None:  # identical on every rank, like the center: it travels in the checkpoint file
-            section["center_velocity"] = {k: _to_cpu(v) if self.is_global_zero else v for k, v in velocity.items()}
+        section = checkpoint_section(averager, world_size=self.world_size, num_workers=self.num_workers,
+                                     ranks_per_worker=self.ranks_per_worker, tau=self.tau, writer=self.is_global_zero)
         save_id = None
         if self.save_worker_states:
             save_id = self._files.new_save_id(averager.clock)
@@ -539,10 +439,6 @@ class EASGDFabricStrategy(DDPStrategy):
                 description=f"Synchronous Elastic Averaging SGD (Fabric) with start_method '{start_method}'",
                 start_method=start_method,
             )
-
-
-def _to_cpu(value: Any) -> Any:
-    return apply_to_collection(value, Tensor, lambda t: t.detach().to("cpu", copy=True))
 
 
 class _WorkerGradientSync(_BackwardSyncControl):

@@ -10,7 +10,6 @@ it wraps the module in DistributedDataParallel on the worker's own process group
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Mapping
 from datetime import timedelta
@@ -33,7 +32,6 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.nn import Module
 from torch.nn.parallel import DistributedDataParallel
@@ -42,24 +40,14 @@ from typing_extensions import override
 
 from lightning_easgd.checkpoint_io import AtomicCheckpointIO
 from lightning_easgd.checkpointing import WorkerCheckpoints
-from lightning_easgd.core import DEFAULT_BETA, ElasticAverager, resolve_alpha
-from lightning_easgd.core.buckets import check_device
-from lightning_easgd.core.center_momentum import check_center_momentum
-from lightning_easgd.core.topology import WorkerTopology, worker_topology
+from lightning_easgd.core import DEFAULT_BETA
 from lightning_easgd.core.worker import ElasticWorker, NonFinitePolicy
 from lightning_easgd.guards import PerStepSyncGuard, refuse_weight_averaging
-from lightning_easgd.module_state import elastic_tensors
-from lightning_easgd.options import (
-    ExchangeOptions,
-    Unsupported,
-    refuse_unused_worker_ddp_options,
-    worker_ddp_options,
-)
-
-log = logging.getLogger(__name__)
+from lightning_easgd.layout import WorkerLayout
+from lightning_easgd.options import ExchangeOptions, Unsupported, worker_ddp_options
 
 
-class EASGDStrategy(DDPStrategy):
+class EASGDStrategy(WorkerLayout, DDPStrategy):
     """Synchronous Elastic Averaging SGD (Zhang, Choromanska & LeCun, NIPS 2015, Eq. 5-6).
 
     Each of the p workers trains its own copy x_i with the LightningModule's optimizer. At the start of every
@@ -191,11 +179,7 @@ class EASGDStrategy(DDPStrategy):
                 "EASGDStrategy",
             ),
         )
-        self.tau, self.warmup_steps, self.warmup_tau = options.tau, options.warmup_steps, options.warmup_tau
-        self.center_momentum, self.center_nesterov = options.center_momentum, options.center_nesterov
-        self._alpha, self.beta = options.alpha, options.beta
-        self._ranks_per_worker = options.ranks_per_worker
-        self.center_device, self.exchange_dtype = options.center_device, options.exchange_dtype
+        self._keep_options(options)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -206,17 +190,10 @@ class EASGDStrategy(DDPStrategy):
             timeout=timeout,
             start_method=start_method,
         )
-        self.overlap = options.overlap
-        self.bucket_cap_mb = options.bucket_cap_mb
-        self.save_worker_states = options.save_worker_states
-        self.on_nonfinite: NonFinitePolicy = options.on_nonfinite
         self._averager: ElasticWorker | None = None
-        self._state_keys: dict[str, int] = {}  # state_dict key -> index of the averaged tensor it names
         self._checkpoints = WorkerCheckpoints(self)
         self._patched_loop: Any = None  # the training epoch loop whose per-batch SIGTERM broadcast is replaced
         self._sync_guard = PerStepSyncGuard()
-        self._topology: WorkerTopology | None = None
-        self._followers: tuple[str, ...] = ()
         self._failed = False
 
     # ------------------------------------------------------------------ properties
@@ -225,42 +202,6 @@ class EASGDStrategy(DDPStrategy):
     def averager(self) -> ElasticWorker | None:
         """The exchange between this worker and the center; None outside ``setup``/``teardown``."""
         return self._averager
-
-    @property
-    def ranks_per_worker(self) -> int | str:
-        """k, the ranks of one worker: an int after setup (``"node"`` resolves to the processes per node)."""
-        return self._topology.ranks_per_worker if self._topology is not None else self._ranks_per_worker
-
-    @property
-    def num_workers(self) -> int:
-        """p, the number of EASGD workers (world size / ranks per worker)."""
-        if self._topology is not None:
-            return self._topology.num_workers
-        return self.world_size // self._resolve_ranks_per_worker()
-
-    @property
-    def worker_index(self) -> int:
-        """g, this rank's worker (global rank // ranks per worker)."""
-        return self.global_rank // self._resolve_ranks_per_worker()
-
-    @property
-    def rank_in_worker(self) -> int:
-        """j, this rank's place in its worker (global rank % ranks per worker); it owns slice j of the center."""
-        return self.global_rank % self._resolve_ranks_per_worker()
-
-    @property
-    def worker_group(self) -> dist.ProcessGroup | None:
-        """The process group of this rank's worker after setup (None with one rank per worker)."""
-        return self._topology.worker_group if self._topology is not None else None
-
-    def _resolve_ranks_per_worker(self) -> int:
-        k = self._ranks_per_worker
-        return self.num_processes if k == "node" else int(k)
-
-    @property
-    def alpha(self) -> float | None:
-        """The moving rate in use (resolved from β and the world size at setup when not given)."""
-        return self._averager.alpha if self._averager is not None else self._alpha
 
     @property  # type: ignore[override]
     def _layer_sync(self) -> LayerSync | None:
@@ -333,51 +274,11 @@ class EASGDStrategy(DDPStrategy):
     def _setup_averager(self) -> None:
         module = self.lightning_module
         assert module is not None
-        check_device([*module.named_parameters(), *module.named_buffers()], self.root_device)
-        self._topology = worker_topology(self._resolve_ranks_per_worker(), self.world_size, self.global_rank,
-                                         timeout=self._timeout)
-        refuse_unused_worker_ddp_options(self._worker_ddp_kwargs, self._ranks_per_worker,
-                                         grouped=self._topology.worker_group is not None)
-        p = self._topology.num_workers
-        if p < 2:
-            rank_zero_warn(
-                "EASGDStrategy is running with a single worker: EASGD needs at least 2 workers to average; the "
-                "elastic pull still runs, without any communication between workers."
-            )
-        if dist.is_initialized() and dist.get_backend() == "nccl" and os.environ.get(
-            "TORCH_NCCL_ASYNC_ERROR_HANDLING", "3"
-        ) == "0":
-            rank_zero_warn(
-                "EASGD: TORCH_NCCL_ASYNC_ERROR_HANDLING=0 disables NCCL's handling of collective timeouts: a dead or "
-                "stalled peer then hangs the exchange instead of ending the run after `timeout`; unset it."
-            )
-        alpha, warning = resolve_alpha(self._alpha, self.beta, p)
-        if self.center_momentum:  # momentum moves the overshoot threshold (and the divergence bound)
-            warning = check_center_momentum(p * alpha, self.center_momentum, self.center_nesterov)
-        if warning:
-            rank_zero_warn(warning)
-        elastic, self._state_keys = elastic_tensors(module, self.bucket_cap_mb)  # collective: rank 0's values
-        buffers = {id(t) for _, t in module.named_buffers()}
-        self._followers = tuple(key for key, t in elastic if id(t) in buffers)
-        self._averager = self._create_averager(elastic, alpha)
-        log.debug(
-            "EASGD: %d workers of %d ranks, tau=%d, alpha=%g, %d tensors of %d bytes in %d buckets",
-            p, self._topology.ranks_per_worker, self.tau, alpha, len(elastic), self._averager.layout.nbytes,
-            len(self._averager.layout.buckets),
-        )
+        self._averager = self._start_exchange(module, "EASGDStrategy", self._create_averager)
 
     def _create_averager(self, elastic: list[tuple[str, Tensor]], alpha: float) -> ElasticWorker:
         """Build the exchange over ``elastic`` (all ranks hold equal values here); subclasses swap the algorithm."""
-        topology = self._topology
-        assert topology is not None
-        return ElasticAverager(elastic, tau=self.tau, alpha=alpha, group=topology.column_group,
-                               bucket_cap_mb=self.bucket_cap_mb, overlap=self.overlap,
-                               on_nonfinite=self.on_nonfinite, timeout=self._timeout,
-                               worker_group=topology.worker_group, center_device=self.center_device,
-                               exchange_dtype=self.exchange_dtype,
-                               center_momentum=self.center_momentum, center_nesterov=self.center_nesterov,
-                               warmup_steps=self.warmup_steps, warmup_tau=self.warmup_tau,
-                               follow_first_rank=self._followers if topology.worker_group is not None else ())
+        return self._elastic_averager(elastic, alpha)
 
     @override
     def teardown(self) -> None:
@@ -422,14 +323,7 @@ class EASGDStrategy(DDPStrategy):
         with self._averager.step():
             output = super().optimizer_step(optimizer, closure, model, **kwargs)
         self._sync_guard.check(self.lightning_module.trainer)
-        for step, workers in self._averager.pop_resets():
-            rank_zero_warn(
-                f"EASGD: worker(s) {', '.join(map(str, workers))} had non-finite weights at optimizer step {step}; "
-                "their contribution was dropped and they were reset to the center with empty optimizer state."
-            )
-            if self.worker_index in workers:
-                for opt in self.optimizers:
-                    opt.state.clear()
+        self._apply_resets(self.optimizers)
         return output
 
     @override

@@ -39,7 +39,7 @@ def _clean_env() -> Any:
 def messages(monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> Any:
     """Read what the strategy logs or warns, also from forked workers (their log handlers and warning recorders
     live in the child, so the messages are printed to the inherited stderr instead)."""
-    for module in ("strategy", "checkpointing"):
+    for module in ("layout", "checkpointing"):
         monkeypatch.setattr(f"lightning_easgd.{module}.rank_zero_warn",
                             lambda msg, *a, **k: print(msg, file=sys.stderr))
     capfd.readouterr()
@@ -85,6 +85,19 @@ def fit_fork(
     trainer.fit(module, train, val, ckpt_path=ckpt_path)
     records = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(p)]
     return trainer, records
+
+
+def assert_matches_replay(records: list[dict[str, Any]], expected: Any, atol: float, k: int = 1) -> None:
+    """Every rank's local weights are its worker's in the replay (``expected``, workers of ``k`` ranks) and its
+    center is the replay's; the center is bit-identical on every rank, the local weights within a worker."""
+    for rank, rec in enumerate(records):
+        worker = rank // k
+        assert_close(rec["local"], expected.workers[worker], atol, f"rank {rank} (worker {worker}) local weights")
+        assert_close(rec["center"], expected.center, atol, f"rank {rank} center")
+        for name, value in rec["center"].items():
+            assert torch.equal(value, records[0]["center"][name]), f"center {name} differs between ranks"
+        for name, value in rec["local"].items():
+            assert torch.equal(value, records[worker * k]["local"][name]), f"rank {rank}: {name} differs in its worker"
 
 
 def assert_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], atol: float, what: str) -> None:

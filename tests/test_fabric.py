@@ -10,12 +10,13 @@ import copy
 import sys
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 from bounded import run_bounded
-from conftest import SEED, assert_close
+from conftest import SEED, assert_close, assert_matches_replay
 from lightning.fabric import Fabric
 from lightning.fabric.strategies import STRATEGY_REGISTRY
 from lightning.pytorch.strategies import StrategyRegistry
@@ -143,7 +144,7 @@ def _same_optimizer_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
 @pytest.fixture
 def warnings_(monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> Any:
     """The strategy's warnings, also from forked workers (printed to the inherited stderr)."""
-    for where in ("lightning_easgd.fabric", "lightning_easgd.checkpointing"):
+    for where in ("lightning_easgd.fabric", "lightning_easgd.layout", "lightning_easgd.checkpointing"):
         monkeypatch.setattr(f"{where}.rank_zero_warn", lambda msg, *a, **k: print(msg, file=sys.stderr))
     capfd.readouterr()
     return lambda: capfd.readouterr().err
@@ -228,13 +229,10 @@ def test_matches_replay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, p: int,
     init.load_state_dict(expected.center, strict=False)
     with torch.no_grad():
         center_loss = float(mse_loss(init(x), y))
+    assert_matches_replay(records, expected, ATOL)
     for rank, rec in enumerate(records):
         assert rec["wrapped"] == "ToyRegressor", "the module must not be wrapped in DistributedDataParallel"
         assert rec["alpha"] == pytest.approx(alpha)
-        assert_close(rec["local"], expected.workers[rank], ATOL, f"worker {rank} local weights")
-        assert_close(rec["center"], expected.center, ATOL, f"rank {rank} center")
-        for name, value in rec["center"].items():
-            assert torch.equal(value, records[0]["center"][name]), f"center {name} differs between ranks"
         # One all-reduce per bucket plus the statistics vector at each exchange, nothing in between.
         assert len(rec["collectives"]) == 2 * 48 // (4 * p)
         for t, calls in enumerate(rec["collectives"]):
@@ -568,6 +566,29 @@ def test_misuse_is_refused(tmp_path: Path) -> None:
     fabric = Fabric(accelerator="cpu", devices=1, strategy=EASGDFabricStrategy(tau=1, start_method="fork"))
     fabric.launch(_misuse, tmp_path)
     assert torch.load(tmp_path / "rank0.pt")["done"]
+
+
+def _setup_only(fabric: Fabric) -> None:
+    fabric.setup(ToyRegressor())
+
+
+@pytest.mark.parametrize("error_handling", ["0", None])
+def test_setup_warns_like_the_trainer(monkeypatch: pytest.MonkeyPatch, warnings_: Any, error_handling: str | None
+                                      ) -> None:
+    """Fabric's setup is the Trainer's (lightning_easgd.layout): one worker is warned about, and so is NCCL with its
+    error handling off, which would hang a stalled exchange instead of timing it out (NCCL reported, gloo running)."""
+    if error_handling is None:
+        monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
+    else:
+        monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", error_handling)
+    monkeypatch.setattr("lightning_easgd.layout.dist", SimpleNamespace(is_initialized=lambda: True,
+                                                                        get_backend=lambda: "nccl"))
+    fabric = Fabric(accelerator="cpu", devices=1, strategy=EASGDFabricStrategy(start_method="fork"))
+    fabric.launch(_setup_only)
+    warned = warnings_()
+    assert "EASGDFabricStrategy is running with a single worker: EASGD needs at least 2 workers" in warned
+    assert ("TORCH_NCCL_ASYNC_ERROR_HANDLING=0 disables NCCL's handling of collective timeouts" in warned) == (
+        error_handling == "0")
 
 
 # ---------------------------------------------------------------------- the popen launcher
