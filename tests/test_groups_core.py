@@ -91,11 +91,17 @@ def _launch(tmp_path: Path, k: int, options: dict[str, Any]) -> list[dict[str, A
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
-def _replay(p: int, wire: torch.dtype | None) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]],
-                                                     list[list[float]], float]:
-    """Eq. 5-6 with the center in the tensors' dtype, d rounded to ``wire`` if given; also the largest |Σ d|."""
+Replay = tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]], list[list[float]], float,
+               dict[str, torch.Tensor]]
+
+
+def _replay(p: int, wire: torch.dtype | None, mu: float = 0.0, nesterov: bool = False) -> Replay:
+    """Eq. 5-6 with the center in the tensors' dtype, d rounded to ``wire`` if given; with ``mu`` > 0, momentum on
+    the center's increment s = α·Σ d: v ← μ·v + s, then x̃ += v (heavy ball) or x̃ += μ·v + s (Nesterov). Returns
+    the center, the workers, their distances at each exchange, the largest |Σ d| and the velocity."""
     workers = [_tensors() for _ in range(p)]
     center = {n: v.to(MASTER[v.dtype]) for n, v in _tensors().items()}  # a float32 center for bf16 tensors
+    velocity = {n: torch.zeros_like(v) for n, v in center.items()}
     distances = []
     largest = 0.0
     for t in range(STEPS):
@@ -108,11 +114,16 @@ def _replay(p: int, wire: torch.dtype | None) -> tuple[dict[str, torch.Tensor], 
             for n in center:
                 largest = max(largest, float(sum(d[n].abs() for d in diffs).max()))
                 total = sum(d[n] if wire is None else d[n].to(wire) for d in diffs)
-                center[n].add_(ALPHA * total.to(center[n].dtype))
+                if mu:
+                    step = ALPHA * total
+                    velocity[n] = mu * velocity[n] + step
+                    center[n] += mu * velocity[n] + step if nesterov else velocity[n]
+                else:
+                    center[n].add_(ALPHA * total.to(center[n].dtype))
             for x, d in zip(workers, diffs):
                 for n in x:  # computed in the center's dtype, rounded once into the tensor's
                     x[n].copy_(x[n].to(d[n].dtype) - ALPHA * d[n])
-    return center, workers, distances, largest
+    return center, workers, distances, largest, velocity
 
 
 @pytest.mark.parametrize(
@@ -125,7 +136,7 @@ def test_sharded_exchange_matches_replay(tmp_path: Path, k: int, options: dict[s
     p = WORLD // k
     wire = torch.bfloat16 if options.get("exchange_dtype") else None
     records = _launch(tmp_path, k, options)
-    center, workers, distances, largest = _replay(p, wire if p > 1 else None)
+    center, workers, distances, largest, _ = _replay(p, wire if p > 1 else None)
     buckets = records[0]["buckets"]
     assert len(buckets) == 4 and (k == 1 or any(n % k for n, _ in buckets))  # several buckets, some padded
     atol = {torch.float64: 1e-12, torch.float32: 1e-6}  # float32: the center of the float32 and bf16 tensors
@@ -308,28 +319,6 @@ def test_worker_groups_use_the_given_timeout(tmp_path: Path) -> None:
     assert outcome != "no error" and float(waited) < 15, (waited, outcome)
 
 
-def _momentum_replay(p: int, mu: float, nesterov: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Eq. 5-6 with momentum on the center's increment s = α·Σ d: v ← μ·v + s, then x̃ += v (heavy ball) or
-    x̃ += μ·v + s (Nesterov). Returns the center and the velocity."""
-    workers = [_tensors() for _ in range(p)]
-    center = {n: v.to(MASTER[v.dtype]) for n, v in _tensors().items()}
-    velocity = {n: torch.zeros_like(v) for n, v in center.items()}
-    for t in range(STEPS):
-        exchange = t > 0 and t % TAU == 0
-        diffs = [{n: x[n].to(center[n].dtype) - center[n] for n in x} for x in workers] if exchange else []
-        for g, x in enumerate(workers):
-            _local_step(x, g, t)
-        if exchange:
-            for n in center:
-                s = ALPHA * sum(d[n] for d in diffs)
-                velocity[n] = mu * velocity[n] + s
-                center[n] += mu * velocity[n] + s if nesterov else velocity[n]
-            for x, d in zip(workers, diffs):
-                for n in x:
-                    x[n].copy_(x[n].to(d[n].dtype) - ALPHA * d[n])
-    return center, velocity
-
-
 @pytest.mark.parametrize(("k", "nesterov", "options"),
                          [(1, False, {}), (2, False, {}), (2, True, {}), (2, True, {"center_device": "cpu"})])
 def test_center_momentum_is_sharded_like_the_center(tmp_path: Path, k: int, nesterov: bool,
@@ -337,7 +326,7 @@ def test_center_momentum_is_sharded_like_the_center(tmp_path: Path, k: int, nest
     """The velocity is a slice per rank with worker groups: updated, gathered and restored like the center."""
     mu = 0.5
     records = _launch(tmp_path, k, {"center_momentum": mu, "center_nesterov": nesterov, **options})
-    center, velocity = _momentum_replay(WORLD // k, mu, nesterov)
+    center, _, _, _, velocity = _replay(WORLD // k, None, mu, nesterov)
     atol = {torch.float64: 1e-12, torch.float32: 1e-6}
     for rank, rec in enumerate(records):
         for n in center:
