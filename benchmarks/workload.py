@@ -26,7 +26,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.netlab import interface_tx_bytes
 
-
 PERIODIC = ("easgd", "easgd_bf16", "easgd_node", "average", "easgd_async")
 """The methods that take a communication period."""
 

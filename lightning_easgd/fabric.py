@@ -20,8 +20,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
-from functools import partial
 from datetime import timedelta
+from functools import partial
 from typing import Any, Literal
 
 import torch

@@ -21,9 +21,9 @@ from lightning.fabric import Fabric
 from lightning.fabric.strategies import STRATEGY_REGISTRY
 from lightning.pytorch.strategies import StrategyRegistry
 from momentum_replay import replay_center_momentum
-from toy import COUNTS, NaNLossRegressor, ToyRegressor, count_collectives, make_dataset, replay_easgd, twins
 from torch.nn.functional import mse_loss
 from torch.utils.data import DataLoader, TensorDataset
+from toy import COUNTS, NaNLossRegressor, ToyRegressor, count_collectives, make_dataset, replay_easgd, twins
 
 from lightning_easgd import EASGDFabricStrategy, EASGDStrategy
 

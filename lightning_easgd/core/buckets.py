@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-
 DEFAULT_BUCKET_CAP_MB = 25.0
 """Bucket size for host tensors (gloo), where it was measured to be as fast as one flat buffer."""
 DEFAULT_CUDA_BUCKET_CAP_MB = 256.0
