@@ -76,8 +76,10 @@ def _killed_on_a_plateau(run_dir: Path, cwd: Path, extra: list[str]) -> tuple[st
     assert "fit starts at epoch 0, step 0" in output
     assert f"Resuming from {run_dir / 'checkpoints' / 'last.ckpt'}" in output
     checkpoints = run_dir / "checkpoints"
-    # val/acc reached 1.0 in epoch 0 and never improved: the best checkpoint is still epoch 0's ...
-    assert sorted(path.name for path in checkpoints.iterdir()) == ["epoch_000.ckpt", "last.ckpt"]
+    # val/acc reached 1.0 in epoch 0 and never improved: the best checkpoint is still epoch 0's (each checkpoint
+    # with its workers' files beside it) ...
+    assert sorted(path.name for path in checkpoints.iterdir()) == [
+        "epoch_000.ckpt", "epoch_000.ckpt.workers", "last.ckpt", "last.ckpt.workers"]
     last = torch.load(checkpoints / "last.ckpt", weights_only=True, map_location="cpu")
     best = next(state for key, state in last["callbacks"].items() if "val/acc" in key)
     assert best["best_model_score"] == 1.0 and best["best_model_path"].endswith("epoch_000.ckpt")
