@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The test suite (CPU, gloo, 1-3 worker processes).
+# The test suite (CPU, gloo, 1-4 worker processes).
 test: install
 	$(BIN)/python -m pytest
 
