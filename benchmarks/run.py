@@ -186,7 +186,7 @@ def _accuracy(args: argparse.Namespace) -> list[accuracy.Result]:
     results: list[accuracy.Result] = []
     port = 29700
     for index, rate in enumerate(args.rates):
-        label = f"{rate:g}" if rate else "unshaped"
+        label = _link_label(rate)
         # A single worker never communicates: its curve does not depend on the link, so it runs once.
         methods = [m for m in args.methods if m.communicates or index == 0]
         with private_network(args.processes, rate or None) as hosts:
@@ -203,6 +203,11 @@ def _accuracy(args: argparse.Namespace) -> list[accuracy.Result]:
                 print(f"  test error {result.test_error:.2f}% after {result.curve.train_s[-1]:.0f} s of training",
                       file=sys.stderr)
     return results
+
+
+def _link_label(rate: float) -> str:
+    """How results name a link: ``"100"`` (Mbit/s) or ``"unshaped"``."""
+    return f"{rate:g}" if rate else "unshaped"
 
 
 def _overhead(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -254,13 +259,14 @@ def _plot_overhead(rows: list[dict[str, Any]], path: Path) -> None:
 _SUITE_OPTIONS = {
     "comm": ("rates", "taus", "steps", "warmup", "rounds", "with_async", "with_bf16", "ranks_per_node"),
     "overhead": ("steps", "warmup", "rounds"),
-    "accuracy": ("rates", "methods", "epochs", "evals_per_epoch", "budget_seconds", "data_dir", "override"),
+    "accuracy": ("rates", "methods", "epochs", "evals_per_epoch", "budget_seconds", "data_dir", "override",
+                 "include"),
 }
 _DEFAULTS: dict[str, Any] = {
     "taus": [1, 4, 16, 64], "steps": 64, "warmup": 8, "rounds": 1, "with_async": False, "with_bf16": False,
     "ranks_per_node": 1,
     "methods": list(accuracy.DEFAULT_METHODS), "epochs": 8, "evals_per_epoch": 4, "budget_seconds": None,
-    "data_dir": accuracy.REPOSITORY.parent / "shared" / "data" / "cifar10", "override": [],
+    "data_dir": accuracy.REPOSITORY.parent / "shared" / "data" / "cifar10", "override": [], "include": [],
 }
 _PROCESSES = {"comm": 2, "overhead": 1, "accuracy": 4}
 _TIMEOUT = {"comm": 900.0, "overhead": 900.0, "accuracy": 7200.0}
@@ -274,6 +280,8 @@ def _resolve_options(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         flags = ", ".join(sorted({"--" + name.replace("_", "-") for name in foreign}))
         parser.error(f"{flags} do not apply to --suite {args.suite}; its options are: "
                      f"{', '.join('--' + n.replace('_', '-') for n in _SUITE_OPTIONS[args.suite])}")
+    if args.suite == "accuracy" and args.include and args.methods is None:
+        args.methods = []  # --include alone reports the earlier runs without training anything
     for name in _SUITE_OPTIONS[args.suite]:
         if getattr(args, name) is None and name in _DEFAULTS:
             setattr(args, name, _DEFAULTS[name])
@@ -301,7 +309,18 @@ def _resolve_options(parser: argparse.ArgumentParser, args: argparse.Namespace) 
                 parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid: it must be >= 1")
         if args.budget_seconds is not None and args.budget_seconds <= 0:
             parser.error(f"--budget-seconds={args.budget_seconds} is invalid: it must be > 0")
-        if not (args.data_dir / "cifar-10-batches-py").is_dir():
+        try:
+            args.included = [result for directory in args.include for result in accuracy.load_results(directory)]
+        except ValueError as error:
+            parser.error(str(error))
+        planned = [(_link_label(rate) if m.communicates else "any", m.label) for index, rate in enumerate(args.rates)
+                   for m in args.methods if m.communicates or index == 0]
+        seen = [(r.rate, r.method.label) for r in args.included] + planned
+        repeated = sorted({f"{label} ({rate})" for rate, label in seen if seen.count((rate, label)) > 1})
+        if repeated:
+            parser.error(f"--include/--methods name a run more than once: {', '.join(repeated)}; each run may "
+                         "appear once (add :seedN for another seed)")
+        if args.methods and not (args.data_dir / "cifar-10-batches-py").is_dir():
             parser.error(f"--data-dir {args.data_dir} is invalid: it must hold cifar-10-batches-py/ "
                          "(e.g. ../shared/data/cifar10)")
         args.data_dir = args.data_dir.resolve()
@@ -333,6 +352,9 @@ def main(argv: list[str] | None = None) -> None:
     acc.add_argument("--budget-seconds", type=float, help="wall-clock budget (default: the shortest run's time)")
     acc.add_argument("--data-dir", type=Path, help="holds cifar-10-batches-py/ (default ../shared/data/cifar10)")
     acc.add_argument("--override", nargs="+", help="extra Hydra overrides for every recipe run")
+    acc.add_argument("--include", type=Path, nargs="+",
+                     help="earlier accuracy --out folders whose runs join the table, checks and plot (alone: report "
+                          "them without training)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--nodes", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
@@ -362,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
         _plot(rows, args.out / "comm.png")
         written.append(args.out / "comm.png")
     else:
-        results = _accuracy(args)
+        results = args.included + _accuracy(args)
         rows, budget = accuracy.summarize(results, args.budget_seconds)
         print(accuracy.table(rows, budget))
         print("\n".join(accuracy.claims(rows)))
