@@ -181,14 +181,18 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def _accuracy(args: argparse.Namespace) -> list[accuracy.Result]:
+    """Train every method on every link, after the ``--include``d runs; the CSVs are rewritten after each run, so
+    that the runs already finished survive a suite that is stopped (they can be ``--include``d later)."""
     from benchmarks.netlab import private_network
 
-    results: list[accuracy.Result] = []
+    results: list[accuracy.Result] = list(args.included)
     port = 29700
     for index, rate in enumerate(args.rates):
         label = _link_label(rate)
         # A single worker never communicates: its curve does not depend on the link, so it runs once.
         methods = [m for m in args.methods if m.communicates or index == 0]
+        if not methods:
+            continue
         with private_network(args.processes, rate or None) as hosts:
             for method in methods:
                 port += 1
@@ -200,9 +204,15 @@ def _accuracy(args: argparse.Namespace) -> list[accuracy.Result]:
                     run_dir=run_dir, timeout=args.timeout, evals_per_epoch=args.evals_per_epoch,
                     batch_size=args.batch_size, data_dir=args.data_dir, extra=args.override)
                 results.append(result)
+                _write_accuracy_csvs(args.out, results, args.budget_seconds)
                 print(f"  test error {result.test_error:.2f}% after {result.curve.train_s[-1]:.0f} s of training",
                       file=sys.stderr)
     return results
+
+
+def _write_accuracy_csvs(out: Path, results: list[accuracy.Result], budget: float | None) -> None:
+    write_csv(out / "accuracy.csv", accuracy.summarize(results, budget)[0])
+    write_csv(out / "accuracy_curves.csv", accuracy.curve_rows(results))
 
 
 def _link_label(rate: float) -> str:
@@ -384,12 +394,12 @@ def main(argv: list[str] | None = None) -> None:
         _plot(rows, args.out / "comm.png")
         written.append(args.out / "comm.png")
     else:
-        results = args.included + _accuracy(args)
+        results = _accuracy(args)
+        write_csv(args.out / "accuracy_curves.csv", accuracy.curve_rows(results))
         rows, budget = accuracy.summarize(results, args.budget_seconds)
         print(accuracy.table(rows, budget))
         print("\n".join(accuracy.claims(rows)))
         accuracy.plot(results, budget, args.out / "accuracy.png")
-        write_csv(args.out / "accuracy_curves.csv", accuracy.curve_rows(results))
         written += [args.out / "accuracy_curves.csv", args.out / "accuracy.png"]
     write_csv(written[0], rows)
     print(f"results: {', '.join(str(path) for path in written)}", file=sys.stderr)

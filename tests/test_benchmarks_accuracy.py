@@ -9,6 +9,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from bounded import run_bounded
@@ -135,6 +136,28 @@ def test_runs_written_by_one_suite_are_read_back_by_another(tmp_path: Path) -> N
     assert accuracy.summarize(accuracy.load_results(tmp_path), None) == (rows, budget)
     with pytest.raises(ValueError, match=r"--include .*empty is invalid: .*accuracy.csv is missing"):
         accuracy.load_results(tmp_path / "empty")
+
+
+def test_finished_runs_are_on_disk_before_the_suite_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import contextlib
+
+    from benchmarks import netlab, run
+
+    def train_one(method: accuracy.Method, hosts: object, **kwargs: object) -> accuracy.Result:
+        if method.name == "ddp":
+            raise SystemExit("the second run fails")
+        return _result(method.label, [10, 20], [50, 45], 106)
+
+    monkeypatch.setattr(accuracy, "train_one", train_one)
+    monkeypatch.setattr(netlab, "private_network", lambda *args: contextlib.nullcontext([]))
+    included = [_result("average:16", [9, 18], [52, 46], 108)]
+    args = SimpleNamespace(rates=[100], methods=[accuracy.Method.parse("eamsgd:16"), accuracy.Method.parse("ddp")],
+                           included=included, processes=4, out=tmp_path, epochs=2, timeout=1, evals_per_epoch=1,
+                           batch_size=128, data_dir=tmp_path, override=[], budget_seconds=None)
+    with pytest.raises(SystemExit, match="the second run fails"):
+        run._accuracy(args)
+    assert [(r.rate, r.method.label) for r in accuracy.load_results(tmp_path)] == [("100", "average:16"),
+                                                                                 ("100", "eamsgd:16")]
 
 
 @pytest.mark.parametrize(
