@@ -15,7 +15,7 @@ stamps each result with the training time spent so far, evaluation excluded. One
 Methods (``--methods``): ``msgd`` (one worker, the paper's MSGD preset), ``ddp`` (Lightning DDP: gradients
 all-reduced every step), ``average:τ`` (local SGD with periodic model averaging, ``benchmarks/baselines.py``),
 ``easgd:τ`` and ``eamsgd:τ`` (the paper presets with period τ), ``easgd_async:τ`` and ``eamsgd_async:τ``. DDP and
-periodic averaging use EAMSGD's local optimizer (Nesterov momentum 0.99, lr 0.005), so that only the
+periodic averaging use EAMSGD's local optimizer (Nesterov momentum 0.99, lr 0.01), so that only the
 communication scheme differs; ``msgd`` never communicates, so it runs once, at the first rate. Checkpoints (one per
 evaluation, for the final test) hold the center only for every method.
 

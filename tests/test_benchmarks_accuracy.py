@@ -37,11 +37,11 @@ def _compose(method: accuracy.Method):
     ("text", "target", "lr", "momentum", "workers", "period"),
     [
         ("msgd", "lightning.pytorch.strategies.SingleDeviceStrategy", 5e-4, 0.99, 1, None),
-        ("ddp", "lightning.pytorch.strategies.DDPStrategy", 0.005, 0.99, 4, None),
-        ("average:16", "benchmarks.baselines.PeriodicAveragingStrategy", 0.005, 0.99, 4, 16),
-        ("easgd:4", "lightning_easgd.EASGDStrategy", 0.01, None, 4, 4),
-        ("eamsgd:64", "lightning_easgd.EASGDStrategy", 0.005, 0.99, 4, 64),
-        ("eamsgd_async:8", "lightning_easgd.async_strategy.AsyncEASGDStrategy", 0.005, 0.99, 4, 8),
+        ("ddp", "lightning.pytorch.strategies.DDPStrategy", 0.01, 0.99, 4, None),
+        ("average:16", "benchmarks.baselines.PeriodicAveragingStrategy", 0.01, 0.99, 4, 16),
+        ("easgd:4", "lightning_easgd.EASGDStrategy", 0.05, None, 4, 4),
+        ("eamsgd:64", "lightning_easgd.EASGDStrategy", 0.01, 0.99, 4, 64),
+        ("eamsgd_async:8", "lightning_easgd.async_strategy.AsyncEASGDStrategy", 0.01, 0.99, 4, 8),
     ],
 )
 def test_each_method_composes_into_the_recipe_it_names(text, target, lr, momentum, workers, period) -> None:

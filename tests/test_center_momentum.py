@@ -499,7 +499,7 @@ def test_suite_methods_compose_and_instantiate(text: str, fields: dict[str, Any]
     command = accuracy.recipe_command(method, processes=4, epochs=1, evals_per_epoch=1, batch_size=64,
                                       data_dir=Path("/data/cifar10"), run_dir=Path("/tmp/run"), extra=[])
     cfg = _compose([arg for arg in command[2:] if not arg.startswith("hydra.")])
-    assert cfg.optimizer.lr == fields.get("lr", 0.01 if method.name == "easgd" else 0.005)
+    assert cfg.optimizer.lr == fields.get("lr", 0.05 if method.name == "easgd" else 0.01)
     assert cfg.seed == fields.get("seed", 0)
     built = instantiate(cfg.strategy)
     assert isinstance(built, target)
