@@ -114,7 +114,7 @@ def test_experiment_composes_and_instantiates(
         assert trainer.world_size == 1
     else:
         assert isinstance(trainer.strategy, EASGDStrategy)
-        assert trainer.strategy.beta == 0.9 and trainer.strategy.tau == 10
+        assert trainer.strategy.beta == 0.9 and trainer.strategy.tau == (16 if "center_momentum" in name else 10)
     if "_sweep" in name:
         assert cfg.hydra.sweeper.params, "sweep presets carry their sweep"
         if "msgd" not in name.split("_"):
@@ -147,6 +147,9 @@ def test_paper_hyperparameters(compose_cfg: Compose) -> None:
     easgd = compose_cfg("cifar10", ["experiment=cifar10_paper_easgd"])
     assert "momentum" not in easgd.optimizer and easgd.optimizer.lr == 0.05  # the best of the grid, tuned
     assert eamsgd.optimizer.lr == 0.01
+    tuned = compose_cfg("cifar10", ["experiment=cifar10_eamsgd_center_momentum"])
+    assert (tuned.strategy.tau, tuned.strategy.center_momentum, tuned.strategy.center_nesterov) == (16, 0.2, False)
+    assert tuned.optimizer.lr == 0.01 and tuned.optimizer.momentum == 0.99 and tuned.strategy.beta == 0.9
     imagenet = compose_cfg("imagenet", ["experiment=imagenet_paper_easgd"])
     assert imagenet.optimizer.lr == 0.1 and imagenet.optimizer.weight_decay == 1e-5
     assert imagenet.data.resize == 256 and imagenet.data.crop_size == 221
