@@ -282,7 +282,7 @@ def seed_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault((row["rate_mbit"], Method.parse(row["method"]).seedless.label), []).append(row)
     means = []
     for (rate, label), runs in groups.items():
-        mean = {key: sum(r[key] for r in runs) / len(runs) for key in _AVERAGED}
+        mean = {key: sum(r[key] for r in runs) / len(runs) for key in _AVERAGED if key in runs[0]}
         means.append({**runs[0], **mean, "rate_mbit": rate, "method": label, "seeds": len(runs),
                       "errors_after_epochs": [r["test_error_after_epochs"] for r in runs]})
     return means
