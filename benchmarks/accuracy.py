@@ -33,7 +33,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,7 @@ class Method:
     @property
     def seedless(self) -> Method:
         """The same method with the recipe's default seed: runs that differ only in the seed are one setting."""
-        return Method(self.name, self.tau, self.center_momentum, self.center_nesterov, self.warmup_steps, self.lr)
+        return replace(self, seed=None)
 
     @property
     def plain(self) -> bool:
