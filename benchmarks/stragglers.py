@@ -54,7 +54,7 @@ def measure(strategy: str, p: int, slowed: bool, *, steps: int = 60, warmup: int
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_easgd import EASGDStrategy
-    from lightning_easgd.async_strategy import AsyncEASGDStrategy
+    from lightning_easgd.trainer.async_strategy import AsyncEASGDStrategy
 
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is invalid: choose one of {', '.join(STRATEGIES)}")

@@ -56,7 +56,7 @@ def make_strategy(method: str, start_method: str) -> Any:
 
         return PeriodicAveragingStrategy(period=period, start_method=start_method)
     if name == "easgd_async":
-        from lightning_easgd.async_strategy import AsyncEASGDStrategy
+        from lightning_easgd.trainer.async_strategy import AsyncEASGDStrategy
 
         return AsyncEASGDStrategy(tau=period, start_method=start_method)
     from lightning_easgd import EASGDStrategy

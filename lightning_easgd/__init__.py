@@ -10,12 +10,10 @@ its own: ``easgd``, ``easgd_spawn`` and ``easgd_fork`` there give :class:`EASGDF
 from lightning.fabric.strategies import STRATEGY_REGISTRY as FABRIC_STRATEGY_REGISTRY
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_easgd.async_strategy import AsyncEASGDStrategy
-from lightning_easgd.callbacks import ElasticDistanceMonitor
 from lightning_easgd.core import ElasticAverager, ExchangeStats
 from lightning_easgd.core.async_averager import AsyncElasticAverager
 from lightning_easgd.fabric import EASGDFabricStrategy
-from lightning_easgd.strategy import EASGDStrategy
+from lightning_easgd.trainer import AsyncEASGDStrategy, EASGDStrategy, ElasticDistanceMonitor
 
 __version__ = "0.1.0"
 

@@ -12,7 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from bounded import run_bounded
+from helpers.bounded import run_bounded
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def test_the_plugin_imports_nothing_from_the_recipe_kit_stack() -> None:
         *KIT_MODULES,
     )
     report = json.loads(out.strip().splitlines()[-1])
-    assert "lightning_easgd.strategy" in report["plugin"] and "lightning_easgd.core.averager" in report["plugin"]
+    assert "lightning_easgd.trainer.strategy" in report["plugin"] and "lightning_easgd.core.averager" in report["plugin"]
     assert report["kit"] is False and report["new"] == [] and report["direct"] == [], report
 
 

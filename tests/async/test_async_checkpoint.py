@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from async_replay import replay_async_easgd
-from checkpoint_files import worker_states
-from conftest import SEED, assert_close, fit_fork
 from lightning.pytorch.callbacks import ModelCheckpoint
-from toy import ToyRegressor, make_dataset, twins
 
-from lightning_easgd.async_strategy import AsyncEASGDStrategy
+from helpers.asserts import assert_close
+from helpers.async_replay import replay_async_easgd
+from helpers.checkpoint_files import worker_states
+from helpers.launch import SEED, fit_fork
+from helpers.toy import ToyRegressor, make_dataset, twins
+from lightning_easgd.trainer.async_strategy import AsyncEASGDStrategy
 
 
 def _strategy() -> AsyncEASGDStrategy:

@@ -8,11 +8,12 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from async_replay import replay_async_easgd
-from conftest import SEED, assert_close, fit_fork
-from toy import ToyRegressor, make_dataset
 
-from lightning_easgd.async_strategy import AsyncEASGDStrategy
+from helpers.asserts import assert_close
+from helpers.async_replay import replay_async_easgd
+from helpers.launch import SEED, fit_fork
+from helpers.toy import ToyRegressor, make_dataset
+from lightning_easgd.trainer.async_strategy import AsyncEASGDStrategy
 
 ATOL = 1e-10  # float64 model
 

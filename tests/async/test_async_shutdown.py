@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from bounded import Finished, run_bounded
+
+from helpers.bounded import Finished, run_bounded
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = "tests/async/scripts/async_fit.py"

@@ -5,10 +5,7 @@ and small (rates of separate runs vary by 2x under load)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for benchmarks/
 
 from benchmarks.stragglers import measure
 

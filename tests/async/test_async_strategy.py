@@ -9,17 +9,17 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import fit_fork
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from toy import ToyRegressor, make_dataset
 
+from helpers.launch import fit_fork
+from helpers.toy import ToyRegressor, make_dataset
 from lightning_easgd import ElasticDistanceMonitor
-from lightning_easgd.async_strategy import AsyncEASGDStrategy
+from lightning_easgd.trainer.async_strategy import AsyncEASGDStrategy
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -91,7 +91,7 @@ def test_stability_warning_and_monitor(tmp_path: Path, monkeypatch: pytest.Monke
     worker's distance and the version lag, p - 1 = 2 in round-robin order with 3 workers."""
     import sys
 
-    monkeypatch.setattr("lightning_easgd.async_strategy.rank_zero_warn",
+    monkeypatch.setattr("lightning_easgd.trainer.async_strategy.rank_zero_warn",
                         lambda msg, *a, **k: print(msg, file=sys.stderr))
     module = ToyRegressor(lr=1.5)
     logger = MemoryLogger(tmp_path)
@@ -113,7 +113,7 @@ def test_warns_nothing_inside_the_region(tmp_path: Path, monkeypatch: pytest.Mon
                                          capfd: pytest.CaptureFixture[str]) -> None:
     import sys
 
-    monkeypatch.setattr("lightning_easgd.async_strategy.rank_zero_warn",
+    monkeypatch.setattr("lightning_easgd.trainer.async_strategy.rank_zero_warn",
                         lambda msg, *a, **k: print(msg, file=sys.stderr))
     fit_fork(ToyRegressor(lr=0.1), make_dataset(16), tmp_path, p=1, epochs=1, batch_size=4,
              strategy=AsyncEASGDStrategy(tau=2, start_method="fork"))

@@ -16,13 +16,13 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from omegaconf import DictConfig, OmegaConf, open_dict
-from recipe_helpers import CONF_DIR, experiments, group_options
 
+from helpers.recipes import CONF_DIR, experiments, group_options
 from lightning_easgd import EASGDStrategy, ElasticDistanceMonitor
-from lightning_easgd.async_strategy import AsyncEASGDStrategy
 from lightning_easgd.recipes.classifier import ImageClassifier, LRSchedulerSpec
 from lightning_easgd.recipes.schedulers import DivideOnPlateau
 from lightning_easgd.recipes.train import _check_checkpoints, train
+from lightning_easgd.trainer.async_strategy import AsyncEASGDStrategy
 
 Compose = Callable[..., DictConfig]
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from recipe_helpers import (
+
+from helpers.recipes import (
     CIFAR10_DIR,
     FAST,
     IMAGENETTE_DIR,
@@ -27,7 +28,6 @@ from recipe_helpers import (
     needs_imagenette,
     run_recipe,
 )
-
 from lightning_easgd.recipes.plot import find_runs
 from lightning_easgd.recipes.plot import main as plot_main
 

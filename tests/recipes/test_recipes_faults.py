@@ -5,21 +5,20 @@ The recipe resumes on its own (``ckpt_path=auto``) from its run directory's ``la
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from bounded import run_bounded
-from recipe_helpers import FAST, REPO, clean_env
+
+from helpers.bounded import run_bounded
+from helpers.recipes import FAST, REPO, clean_env
 
 RECIPE = str(REPO / "recipes" / "cifar10.py")
 
 
 def _torchrun(workers: int, args: list[str], cwd: Path, max_restarts: int = 0, timeout: float = 240) -> str:
     env = clean_env()
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env["PYTHONPATH"]])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
                f"--max-restarts={max_restarts}", RECIPE, *args]
     result = run_bounded(command, cwd=cwd, env=env, timeout=timeout)
@@ -40,7 +39,7 @@ def _center(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_killed_worker_restarts_and_resumes_to_the_uninterrupted_center(tmp_path: Path) -> None:
     _torchrun(2, _args(tmp_path / "straight", 2, 3), tmp_path)
     # Rank 1 dies before step 4 (epoch 1 of 3, 3 steps per epoch); torchrun restarts both workers.
-    output = _torchrun(2, [*_args(tmp_path / "crashed", 2, 3), "+callbacks.kill._target_=fault_injection.KillOnce",
+    output = _torchrun(2, [*_args(tmp_path / "crashed", 2, 3), "+callbacks.kill._target_=helpers.fault_injection.KillOnce",
                            "+callbacks.kill.rank=1", "+callbacks.kill.step=4"], tmp_path, max_restarts=1)
     # (Whether rank 0 reports the broken exchange or torchrun stops it first is a race; tests/test_reliability.py
     # checks the survivor's error deterministically.)
@@ -66,8 +65,8 @@ def test_resume_with_more_workers_starts_the_new_one_from_the_center(tmp_path: P
 
 # Two classes of nearly noiseless templates: the center's val/acc is 1.0 after the first epoch and cannot improve.
 PLATEAU = ["data.noise=0.05", "data.num_classes=2", "module.top_k=null", "optimizer.lr=0.05"]
-KILL_AT_STEP_10 = ["+callbacks.kill._target_=fault_injection.KillOnce", "+callbacks.kill.rank=1",
-                   "+callbacks.kill.step=10", "+callbacks.start._target_=fault_injection.ReportStart"]
+KILL_AT_STEP_10 = ["+callbacks.kill._target_=helpers.fault_injection.KillOnce", "+callbacks.kill.rank=1",
+                   "+callbacks.kill.step=10", "+callbacks.start._target_=helpers.fault_injection.ReportStart"]
 
 
 def _killed_on_a_plateau(run_dir: Path, cwd: Path, extra: list[str]) -> tuple[str, dict]:

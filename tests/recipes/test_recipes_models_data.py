@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from recipe_helpers import (
+from torch import nn
+
+from helpers.recipes import (
     CIFAR10_DIR,
     IMAGENET_SAMPLE_DIR,
     IMAGENETTE_DIR,
@@ -15,8 +17,6 @@ from recipe_helpers import (
     needs_imagenet_sample,
     needs_imagenette,
 )
-from torch import nn
-
 from lightning_easgd.recipes.data import (
     CIFAR10DataModule,
     ImageFolderDataModule,

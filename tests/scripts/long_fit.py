@@ -6,11 +6,9 @@ from pathlib import Path
 
 import lightning as L
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import loaders  # noqa: E402
-from toy import ToyRegressor, make_dataset  # noqa: E402
-
-from lightning_easgd import EASGDStrategy  # noqa: E402
+from helpers.launch import loaders
+from helpers.toy import ToyRegressor, make_dataset
+from lightning_easgd import EASGDStrategy
 
 
 class Slow(L.Callback):

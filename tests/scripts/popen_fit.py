@@ -7,11 +7,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import SEED, loaders  # noqa: E402
-from toy import ToyRegressor, make_dataset  # noqa: E402
-
-import lightning_easgd  # noqa: E402,F401
+import lightning_easgd  # noqa: F401
+from helpers.launch import SEED, loaders
+from helpers.toy import ToyRegressor, make_dataset
 
 if __name__ == "__main__":
     import os

@@ -14,12 +14,10 @@ import torch
 import torch.distributed.rpc
 from lightning.pytorch.strategies import StrategyRegistry
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from conftest import SEED, loaders
-from toy import ToyRegressor, make_dataset
-
 import lightning_easgd  # noqa: F401
-from lightning_easgd.async_strategy import AsyncEASGDStrategy
+from helpers.launch import SEED, loaders
+from helpers.toy import ToyRegressor, make_dataset
+from lightning_easgd.trainer.async_strategy import AsyncEASGDStrategy
 
 FAIL_AT = 5
 
