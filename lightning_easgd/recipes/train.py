@@ -7,7 +7,9 @@ It only instantiates what the Hydra config describes, so it works unchanged with
 from __future__ import annotations
 
 import csv
-from collections.abc import Mapping
+import shutil
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +25,14 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from omegaconf import DictConfig
 
+from lightning_easgd.checkpoint.preflight import check_checkpoint
+
 __all__ = ["train"]
 
 _TEST_CKPT_CHOICES = ("last", "best")
 AUTO_RESUME = "auto"
+# ckpt_path values that Lightning resolves itself ("registry" also with a suffix): there is no file to check yet.
+_LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")
 
 
 def _instantiate_named(cfg: DictConfig | None, kind: str) -> list[Any]:
@@ -43,6 +49,26 @@ def _instantiate_named(cfg: DictConfig | None, kind: str) -> list[Any]:
             raise ValueError(f"{kind}.{name} must be a config with a _target_ (or null to disable it), got {node!r}")
         objects.append(instantiate(node))
     return objects
+
+
+@contextmanager
+def _refusals_leave_no_run_dir() -> Iterator[None]:
+    """Remove the run directory Hydra made for a run refused before training (a bad option, an unusable
+    ``ckpt_path``), so that failed attempts leave no folders holding only a config and an empty log.
+
+    A directory holding anything else, e.g. the checkpoints of a run being resumed, is kept. The error itself goes on
+    to Hydra, which prints it.
+    """
+    try:
+        yield
+    except Exception:
+        if HydraConfig.initialized():
+            hydra = HydraConfig.get()
+            run_dir = Path(hydra.runtime.output_dir)
+            own = {name for name in (hydra.output_subdir, f"{hydra.job.name}.log") if name}
+            if run_dir.is_dir() and {entry.name for entry in run_dir.iterdir()} <= own:
+                shutil.rmtree(run_dir, ignore_errors=True)  # other ranks of a torchrun job may remove it too
+        raise
 
 
 def _check_launch(cfg: DictConfig, trainer: pl.Trainer) -> None:
@@ -220,25 +246,31 @@ def train(cfg: DictConfig) -> dict[str, float]:
     Raises:
         ValueError: for combinations that cannot work (popen launcher in a multirun, a single-device strategy
             with several devices, an unknown ``test_ckpt``).
+        UnusableCheckpointError: ``ckpt_path`` (or this run's ``last.ckpt`` with ``auto``) is missing, empty,
+            unreadable or lacks worker files; found before any worker starts.
         TypeError: the callbacks include no ``ModelCheckpoint`` that writes the checkpoint ``test_ckpt`` names.
     """
     test_ckpt = cfg.get("test_ckpt", "last")
-    if test_ckpt not in _TEST_CKPT_CHOICES:
-        raise ValueError(f"test_ckpt must be one of {_TEST_CKPT_CHOICES}, got {test_ckpt!r}")
-    if cfg.get("seed") is not None:
-        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    with _refusals_leave_no_run_dir():
+        if test_ckpt not in _TEST_CKPT_CHOICES:
+            raise ValueError(f"test_ckpt must be one of {_TEST_CKPT_CHOICES}, got {test_ckpt!r}")
+        if cfg.get("seed") is not None:
+            pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    datamodule: pl.LightningDataModule = instantiate(cfg.data)
-    module: pl.LightningModule = instantiate(cfg.module)
-    strategy = instantiate(cfg.strategy)
-    callbacks: list[Callback] = _instantiate_named(cfg.get("callbacks"), "callbacks")
-    loggers: list[Logger] = _instantiate_named(cfg.get("logger"), "logger")
-    trainer: pl.Trainer = instantiate(cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers or False)
-    _check_launch(cfg, trainer)
-    _check_checkpoints(trainer, test_ckpt)
+        datamodule: pl.LightningDataModule = instantiate(cfg.data)
+        module: pl.LightningModule = instantiate(cfg.module)
+        strategy = instantiate(cfg.strategy)
+        callbacks: list[Callback] = _instantiate_named(cfg.get("callbacks"), "callbacks")
+        loggers: list[Logger] = _instantiate_named(cfg.get("logger"), "logger")
+        trainer: pl.Trainer = instantiate(cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers or False)
+        _check_launch(cfg, trainer)
+        _check_checkpoints(trainer, test_ckpt)
+        resume = _resume_path(cfg, trainer)
+        if resume is not None and resume not in _LIGHTNING_CKPT_NAMES and not resume.startswith("registry"):
+            check_checkpoint(resume, entries=("state_dict",))  # here, not in every worker after the launch
 
     _open_csv_logs(trainer.loggers)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, trainer))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     _continue_csv_logs(trainer)
     tested = _test_checkpoint(trainer, test_ckpt)
     results = trainer.test(module, datamodule=datamodule, ckpt_path=tested, verbose=False)
