@@ -23,7 +23,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_easgd.checkpoint.preflight import check_checkpoint
 
@@ -63,12 +63,18 @@ def _refusals_leave_no_run_dir() -> Iterator[None]:
         yield
     except Exception:
         if HydraConfig.initialized():
-            hydra = HydraConfig.get()
-            run_dir = Path(hydra.runtime.output_dir)
-            own = {name for name in (hydra.output_subdir, f"{hydra.job.name}.log") if name}
-            if run_dir.is_dir() and {entry.name for entry in run_dir.iterdir()} <= own:
-                shutil.rmtree(run_dir, ignore_errors=True)  # other ranks of a torchrun job may remove it too
+            _remove_hydra_only_run_dir(HydraConfig.get())
         raise
+
+
+def _remove_hydra_only_run_dir(hydra: DictConfig) -> None:
+    """Remove Hydra's run directory if it holds only what Hydra wrote there: its ``output_subdir`` and the job log."""
+    run_dir = Path(hydra.runtime.output_dir)
+    if not run_dir.is_dir():
+        return
+    own = {hydra.output_subdir, f"{OmegaConf.select(hydra, 'job.name', throw_on_missing=False)}.log"}
+    if {entry.name for entry in run_dir.iterdir()} <= own:
+        shutil.rmtree(run_dir, ignore_errors=True)  # other ranks of a torchrun job may remove it too
 
 
 def _check_launch(cfg: DictConfig, trainer: pl.Trainer) -> None:
