@@ -77,6 +77,20 @@ def _remove_hydra_only_run_dir(hydra: DictConfig) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)  # other ranks of a torchrun job may remove it too
 
 
+def _check_devices(cfg: DictConfig) -> None:
+    """Refuse a number of devices below 1 with the values allowed (Lightning's message names none)."""
+    devices = cfg.trainer.get("devices", "auto")
+    text = str(devices).strip()
+    if not isinstance(devices, (int, str)) or isinstance(devices, bool) or not text.lstrip("-").isdigit():
+        return  # "auto", a list of GPU indices or "0,1": Lightning checks these
+    if int(text) < 1 and int(text) != -1:
+        raise ValueError(
+            f"trainer.devices={devices!r} is invalid: give the number of devices per node (an integer >= 1; on CPU "
+            "each is one worker process), -1 or 'auto' for all of a node's GPUs, or a list of GPU indices such as "
+            "[0,1]. The number of EASGD workers is p = trainer.devices x trainer.num_nodes."
+        )
+
+
 def _check_launch(cfg: DictConfig, trainer: pl.Trainer) -> None:
     """Refuse combinations that would silently do something else than asked."""
     if (
@@ -251,7 +265,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     Raises:
         ValueError: for combinations that cannot work (popen launcher in a multirun, a single-device strategy
-            with several devices, an unknown ``test_ckpt``).
+            with several devices, fewer than one device, an unknown ``test_ckpt``).
         UnusableCheckpointError: ``ckpt_path`` (or this run's ``last.ckpt`` with ``auto``) is missing, empty,
             unreadable or lacks worker files; found before any worker starts.
         TypeError: the callbacks include no ``ModelCheckpoint`` that writes the checkpoint ``test_ckpt`` names.
@@ -260,6 +274,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     with _refusals_leave_no_run_dir():
         if test_ckpt not in _TEST_CKPT_CHOICES:
             raise ValueError(f"test_ckpt must be one of {_TEST_CKPT_CHOICES}, got {test_ckpt!r}")
+        _check_devices(cfg)
         if cfg.get("seed") is not None:
             pl.seed_everything(cfg.seed, workers=True, verbose=False)
 

@@ -321,3 +321,11 @@ def test_a_refused_run_removes_only_a_run_dir_holding_hydras_files(kept: bool, c
     with pytest.raises(InstantiationException, match="tau"):
         train(cfg)
     assert run_dir.exists() == kept
+
+
+@pytest.mark.parametrize("devices", ["0", "-2", "'0'"])
+def test_devices_below_one_are_refused_with_the_allowed_values(devices: str, compose_cfg: Compose) -> None:
+    cfg = compose_cfg("cifar10", ["data=synthetic", f"trainer.devices={devices}"])
+    with pytest.raises(ValueError, match=r"trainer.devices=.* is invalid: give the number of devices per node \(an "
+                       r"integer >= 1; on CPU each is one worker process\), -1 or 'auto' for all of a node's GPUs"):
+        train(cfg)
