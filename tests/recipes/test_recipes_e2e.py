@@ -61,6 +61,7 @@ def test_cifar10_recipe_on_synthetic_data_then_plot(tmp_path: Path) -> None:
     # Both workers logged from rank 0 only: one row per step, not two.
     steps = [r["step"] for r in rows if r["train/loss_step"]]
     assert len(steps) == len(set(steps)) == 6
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1  # fit and test in one file
     last = run_dir / "checkpoints" / "last.ckpt"
     check_checkpoint(last, entries=("state_dict",))  # a real checkpoint passes the launch-time check ...
     next((run_dir / "checkpoints" / "last.ckpt.workers").rglob("worker_00001.pt")).unlink()

@@ -11,11 +11,13 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_easgd.recipes import plot as plot_module
 from lightning_easgd.recipes.classifier import ImageClassifier, LRSchedulerSpec
 from lightning_easgd.recipes.data import SyntheticDataModule
+from lightning_easgd.recipes.loggers import TensorBoardLogger
 from lightning_easgd.recipes.models import PaperCIFAR10Net
 from lightning_easgd.recipes.plot import find_runs
 from lightning_easgd.recipes.plot import main as plot_main
@@ -307,3 +309,19 @@ def test_a_single_run_is_labelled_with_its_settings(tmp_path: Path) -> None:
     (tmp_path / "a" / "metrics.csv").write_text((run / "csv" / "metrics.csv").read_text())
     (run / ".hydra" / "overrides.yaml").write_text("- strategy.tau=1\n- hydra.run.dir=b\n")
     assert [r.label for r in find_runs([run, tmp_path / "a"])] == ["strategy.tau=1", "strategy.tau=4"]
+
+
+def test_tensorboard_logger_writes_fit_and_test_into_one_event_file(tmp_path: Path) -> None:
+    """Lightning's logger closes its writer at the end of fit, and test's metrics then start a second file."""
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="tensorboard", version="", default_hp_metric=False)
+    data = SyntheticDataModule(num_classes=4, image_size=8, train_size=32, val_size=16, test_size=16, batch_size=8)
+    module = ImageClassifier(net=torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 4)),
+                             optimizer=partial(torch.optim.SGD, lr=0.1), num_classes=4, top_k=None)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=logger, log_every_n_steps=1,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=data)
+    trainer.test(module, datamodule=data, verbose=False)
+    (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    tags = EventAccumulator(str(events)).Reload().Tags()["scalars"]
+    assert "train/loss_step" in tags and "val/acc" in tags and "test/acc" in tags
+    assert (tmp_path / "tensorboard" / "hparams.yaml").is_file()
