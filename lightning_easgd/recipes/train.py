@@ -254,8 +254,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resumes from this run directory's ``last.ckpt`` if a previous attempt left one, ``null`` never resumes), and
     tests the checkpoint chosen by ``test_ckpt``
     (``"last"``: the end of training; ``"best"``: the best ``val/acc``). Under EASGD the checkpoints, and so the
-    test, hold the center variable. Testing from a checkpoint rather than from in-memory weights gives the same
-    answer for every launcher: with fork/spawn only rank 0's *worker* weights return to the launching process.
+    test, hold the center variable. Testing from a checkpoint serves ``test_ckpt=best`` and ``"last"`` alike; after
+    ``fit`` the module itself also holds the center, with every launcher.
 
     Args:
         cfg: The composed Hydra config (see ``conf/cifar10.yaml``).
