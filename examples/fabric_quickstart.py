@@ -6,6 +6,8 @@ Evaluation runs on the center (``fabric.strategy.center()``); checkpoints hold t
 state for exact resume; after the loop the model holds the center for good (``adopt_center()``).
 """
 
+import os
+
 import torch
 from lightning.fabric import Fabric
 from lightning.fabric.loggers import CSVLogger
@@ -53,6 +55,14 @@ def main() -> None:
 
     fabric.strategy.adopt_center()  # the model holds the center for good, on every rank
     fabric.save(f"{OUT}/center.ckpt", {"model": model})
+    # Fabric's CSVLogger writes its buffer every 100 steps or here, at finalize(): without this call a short run
+    # leaves no metrics.csv. (Rank 0 writes; on the others finalize does nothing.)
+    fabric.logger.finalize("success")
+    if fabric.is_global_zero:  # log_dir only on rank 0, which created it
+        out, logs = os.path.abspath(OUT), os.path.abspath(fabric.logger.log_dir)
+        print(f"metrics: {logs}/metrics.csv\ncheckpoints: {out}/last.ckpt with last.ckpt.workers/ (model, "
+              f"optimizer, epoch: for resume), "
+              f"{out}/center.ckpt (the center)")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import csv
+import re
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -598,8 +600,20 @@ def test_setup_warns_like_the_trainer(monkeypatch: pytest.MonkeyPatch, warnings_
 
 
 def test_quickstart_with_the_registry_name(tmp_path: Path) -> None:
-    """``Fabric(strategy="easgd")`` and ``fabric.launch()`` start two processes with the popen launcher."""
+    """``Fabric(strategy="easgd")`` and ``fabric.launch()`` start two processes with the popen launcher; the example
+    leaves every epoch's logged metrics on disk (its CSVLogger is finalized) and says where its files went."""
     done = run_bounded([sys.executable, str(ROOT / "examples" / "fabric_quickstart.py")], cwd=tmp_path, timeout=180)
     assert done.returncode == 0, done.stdout[-3000:]
-    assert "center accuracy" in done.stdout
-    assert (tmp_path / "outputs" / "fabric_quickstart" / "center.ckpt").exists()
+    out = tmp_path / "outputs" / "fabric_quickstart"
+    printed = dict(re.findall(r"epoch (\d+): center accuracy ([0-9.]+)", done.stdout))
+    assert sorted(printed) == ["0", "1", "2", "3", "4"], done.stdout[-3000:]
+    metrics = out / "lightning_logs" / "version_0" / "metrics.csv"
+    with metrics.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [row["step"] for row in rows] == sorted(printed)
+    assert [f"{float(row['center_acc']):.3f}" for row in rows] == [printed[row["step"]] for row in rows]
+    assert all(float(row["max_distance"]) > 0 for row in rows)
+    assert f"metrics: {metrics}" in done.stdout
+    for name in ("last.ckpt", "center.ckpt"):
+        assert (out / name).is_file()
+        assert f"{out / name}" in done.stdout

@@ -293,3 +293,39 @@ def test_a_monitored_checkpoint_that_saves_last_is_warned_about(compose_cfg: Com
     trainer = _build(compose_cfg("cifar10", [*cifar, "callbacks.model_checkpoint.save_last=true"]))
     with pytest.warns(UserWarning, match="monitoring 'val/acc' has save_last=True: Lightning rewrites its last.ckpt"):
         _check_checkpoints(trainer, "last")
+
+
+@pytest.mark.parametrize(("sync", "asynchronous"), [("easgd", "easgd_async"), ("eamsgd", "eamsgd_async")])
+def test_async_configs_have_every_key_of_the_sync_ones(sync: str, asynchronous: str, compose_cfg: Compose) -> None:
+    """Overriding a sync-only key must reach AsyncEASGDStrategy's own refusal, not Hydra's "not in struct"."""
+    keys = {name: set(OmegaConf.load(CONF_DIR / "strategy" / f"{name}.yaml")) - {"defaults"}
+            for name in (sync, asynchronous)}
+    assert keys[sync] <= keys[asynchronous], f"missing in {asynchronous}.yaml: {keys[sync] - keys[asynchronous]}"
+    assert isinstance(instantiate(compose_cfg("cifar10", [f"strategy={asynchronous}"]).strategy), AsyncEASGDStrategy)
+    cfg = compose_cfg("cifar10", [f"strategy={asynchronous}", "strategy.center_momentum=0.5"])
+    with pytest.raises(InstantiationException, match=r"AsyncEASGDStrategy does not accept center_momentum=0\.5: the "
+                       "asynchronous center"):
+        instantiate(cfg.strategy)
+
+
+@pytest.mark.parametrize("kept", [False, True], ids=["fresh-run-dir", "run-dir-with-checkpoints"])
+def test_a_refused_run_removes_only_a_run_dir_holding_hydras_files(kept: bool, compose_cfg: Compose,
+                                                                     tmp_path: Path) -> None:
+    cfg = compose_cfg("cifar10", ["data=synthetic", "strategy.tau=0"])
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (run_dir / f"{cfg.hydra.job.name}.log").write_text("")
+    if kept:  # a run being resumed: its checkpoints stay whatever the new attempt does
+        (run_dir / "checkpoints").mkdir()
+    with pytest.raises(InstantiationException, match="tau"):
+        train(cfg)
+    assert run_dir.exists() == kept
+
+
+@pytest.mark.parametrize("devices", ["0", "-2", "'0'"])
+def test_devices_below_one_are_refused_with_the_allowed_values(devices: str, compose_cfg: Compose) -> None:
+    cfg = compose_cfg("cifar10", ["data=synthetic", f"trainer.devices={devices}"])
+    with pytest.raises(ValueError, match=r"trainer.devices=.* is invalid: give the number of devices per node \(an "
+                       r"integer >= 1; on CPU each is one worker process\), -1 or 'auto' for all of a node's GPUs"):
+        train(cfg)
