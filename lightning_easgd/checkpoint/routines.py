@@ -176,7 +176,7 @@ class WorkerCheckpointing:
             return worker_file_state(
                 save_id=save_id, worker=s.worker_index, num_workers=s.num_workers, ranks_per_worker=k,
                 worker_group=s.worker_group, rank_in_worker=s.rank_in_worker, module_state=module_state(),
-                keys=s.state_keys, local=averager.local_values(), optimizer_states=optimizer_states,
+                keys=s.state_keys, local=averager.checkpoint_local(), optimizer_states=optimizer_states,
             )
 
         share = last.target if shared and writer and last is not None else None

@@ -254,15 +254,16 @@ def worker_file_state(
     rank_in_worker: int,
     module_state: dict[str, Any],
     keys: Mapping[str, int],
-    local: Sequence[Tensor],
+    local: Sequence[Tensor] | None,
     optimizer_states: Sequence[Any],
 ) -> dict[str, Any] | None:
     """The content of a worker file, in host memory, on the worker's writer (its first rank); None on its other ranks.
-    Collective within a worker group (the RNG states of its ranks travel to the writer); every rank passes its
-    ``local`` values, which with the center swapped in are themselves gathered within the worker."""
+    Collective within a worker group (the RNG states of its ranks travel to the writer); ``local`` is the worker's
+    own values on the writer (``ElasticWorker.checkpoint_local``), None or ignored on the other ranks."""
     rngs = gather_in_worker(capture_rng_state(), worker_group, rank_in_worker, ranks_per_worker)
     if rngs is None:
         return None
+    assert local is not None, "the worker's writer needs its local values"
     return {
         "format": CHECKPOINT_FORMAT,
         "save_id": save_id,

@@ -273,6 +273,13 @@ class ElasticWorker:
         values = self.center_values()
         return [v.detach().to("cpu", copy=True) for v in values] if writer else values
 
+    def checkpoint_local(self) -> list[Tensor] | None:
+        """This worker's own values for its worker file, also while the center is swapped in: on the rank that
+        writes the file (its worker's first rank) tensors the caller copies to the host; None where providing them
+        would cost a copy on a rank that does not write. Every rank of the worker calls it (collective where the
+        values are sharded)."""
+        return self.local_values()
+
     def checkpoint_velocity(self, writer: bool) -> dict[str, Tensor] | None:
         """The center momentum's velocity for a checkpoint file, by name, as :meth:`checkpoint_center` gives the
         center; None without center momentum (and where it would cost a copy on a rank that does not write)."""
