@@ -289,6 +289,8 @@ def gather_in_worker(obj: Any, worker_group: dist.ProcessGroup | None, rank_in_w
 
 def _share(source: str, target: str) -> None:
     """Make ``target`` the same file as ``source``: a hard link, or an atomic copy where links are refused."""
+    if os.path.abspath(source) == os.path.abspath(target):  # the same path saved again: the file is already there
+        return
     os.makedirs(os.path.dirname(target), exist_ok=True)
     try:
         os.link(source, target)
