@@ -385,3 +385,20 @@ def test_checkpoints_of_the_same_step_share_their_worker_files(tmp_path: Path) -
             momentum = [s["momentum_buffer"] for s in records[g]["start_optim"][0]["state"].values()]
             saved = [s["momentum_buffer"] for s in states[g]["optimizer_states"][0]["state"].values()]
             assert_close(dict(enumerate(momentum)), dict(enumerate(saved)), 0.0, f"worker {g} momentum")
+
+
+def test_the_checkpoint_format_imports_no_adapter() -> None:
+    """lightning_easgd/checkpoint/ is framework-neutral: no lightning.pytorch, no trainer/ or fabric/ module, not
+    even for type checking (every import statement of its files, wherever it stands)."""
+    import ast
+
+    package = Path(__file__).resolve().parents[2] / "lightning_easgd" / "checkpoint"
+    forbidden = ("lightning.pytorch", "pytorch_lightning", "lightning_easgd.trainer", "lightning_easgd.fabric")
+    found = []
+    for source in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{source.name}: {name}" for name in names if name.startswith(forbidden)]
+    assert len(list(package.glob("*.py"))) >= 5
+    assert not found, found
