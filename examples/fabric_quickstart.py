@@ -12,7 +12,7 @@ import torch
 from lightning.fabric import Fabric
 from lightning.fabric.loggers import CSVLogger
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import lightning_easgd  # noqa: F401  (registers Fabric(strategy="easgd"); or pass EASGDFabricStrategy(tau=...))
 
@@ -34,13 +34,20 @@ def main() -> None:
     model = nn.Sequential(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 4))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)  # EAMSGD
     model, optimizer = fabric.setup(model, optimizer)  # every worker starts from rank 0's weights
-    train, val = fabric.setup_dataloaders(data(8192, 0), data(1024, 1))
+    # The loop owns the training sampler and sets its epoch, so a run resumed at epoch e in a new process draws
+    # epoch e's order (fabric.setup_dataloaders would number the epochs by its own count of iterations, from 0).
+    train_set = data(8192, 0).dataset
+    sampler = DistributedSampler(train_set, num_replicas=fabric.world_size, rank=fabric.global_rank, seed=0)
+    train = DataLoader(train_set, batch_size=64, sampler=sampler)
+    val = fabric.setup_dataloaders(data(1024, 1))
     averager = fabric.strategy.averager
     averager.track_distances()  # measured inside the exchange: no extra communication
 
     for epoch in range(5):
+        sampler.set_epoch(epoch)
         model.train()
-        for x, y in train:
+        for batch in train:
+            x, y = fabric.to_device(batch)
             optimizer.zero_grad()
             fabric.backward(nn.functional.cross_entropy(model(x), y))
             optimizer.step()  # one tick of EASGD's clock

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -110,6 +110,12 @@ class WorkerLayout:
     def _resolve_ranks_per_worker(self) -> int:
         k = self._options.ranks_per_worker
         return self.num_processes if k == "node" else int(k)
+
+    @property
+    def state_keys(self) -> Mapping[str, int]:
+        """For every ``state_dict`` key that names an averaged tensor, that tensor's index in the exchange (after
+        setup; what a checkpoint needs to put the center's values under the module's keys)."""
+        return self._state_keys
 
     @property
     def alpha(self) -> float | None:

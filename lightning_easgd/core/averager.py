@@ -517,6 +517,60 @@ class ElasticAverager(ElasticWorker):
                 out[index].copy_(flat[: out[index].numel()])
         return self.layout.views(out)
 
+    def checkpoint_center(self, writer: bool) -> list[Tensor] | None:
+        """As :meth:`ElasticWorker.checkpoint_center`; with worker groups the center's slices are gathered to the
+        writer only, bucket by bucket into host memory, and the other ranks get None (they allocate nothing)."""
+        if self.ranks_per_worker == 1:
+            return super().checkpoint_center(writer)
+        return self._gathered_on_writer(self._center, writer)
+
+    def checkpoint_velocity(self, writer: bool) -> dict[str, Tensor] | None:
+        """As :meth:`ElasticWorker.checkpoint_velocity`, gathered to the writer only with worker groups."""
+        if self.ranks_per_worker == 1 or self.center_momentum is None:
+            return super().checkpoint_velocity(writer)
+        values = self._gathered_on_writer(self.center_momentum.velocity, writer)
+        return None if values is None else dict(zip(self.names, values))
+
+    def checkpoint_local(self) -> list[Tensor] | None:
+        """As :meth:`ElasticWorker.checkpoint_local`; while the center is swapped in with worker groups, the local
+        values' slices are gathered to the worker's first rank only, into host memory (None on its other ranks)."""
+        if self.ranks_per_worker == 1 or not self._center_in_use:
+            return super().checkpoint_local()
+        return self._gathered_on_writer(self._diff, self.rank_in_worker == 0, every_worker=True)
+
+    def _gathered_on_writer(self, slices: list[Tensor], writer: bool, every_worker: bool = False
+                            ) -> list[Tensor] | None:
+        """The full values of the worker's ``slices`` in host memory on ``writer``, which must be its worker's first
+        rank (and, unless ``every_worker``, in worker 0: global rank 0, the main file's writer); None on every other
+        rank. Collective within the worker group (worker 0's only, unless ``every_worker``): its ranks send their
+        slices bucket by bucket into the writer's one-bucket gather buffer, which is copied to the host before the
+        next bucket, so no rank holds more than one bucket of it on the device."""
+        if writer and (self.rank_in_worker != 0 or not (every_worker or self.rank == 0)):
+            raise ValueError(
+                f"the writer must be the first rank of {'its worker' if every_worker else 'worker 0'}, not rank "
+                f"{self.rank_in_worker} of worker {self.rank}"
+            )
+        if not every_worker and self.rank != 0:  # another worker: nothing to send
+            return None
+        assert self._gather is not None
+        k = self.ranks_per_worker
+        out = [torch.empty(b.numel, dtype=s.dtype, device="cpu") for b, s in zip(self.layout.buckets, slices)
+               ] if writer else None
+        with torch.no_grad():
+            for index, flat in enumerate(slices):
+                if self._host is not None:  # host slices travel through the device, as in an exchange
+                    staged = self._staged(index, flat.dtype)
+                    staged.copy_(flat)
+                    flat = staged
+                full = self._gather[: flat.numel() * k * flat.element_size()].view(flat.dtype)
+                parts = list(full.view(k, -1).unbind(0)) if writer else None
+                work = dist.gather(flat, parts, group=self.worker_group, group_dst=0, async_op=True)
+                assert work is not None
+                self._wait_for([work], "the checkpoint was not written")
+                if out is not None:
+                    out[index].copy_(full[: out[index].numel()])
+        return None if out is None else self.layout.views(out)
+
     # ------------------------------------------------------------------ statistics
 
     def _squared_norm(self, tensors: Sequence[Tensor]) -> Tensor:

@@ -41,9 +41,9 @@ from typing_extensions import override
 from lightning_easgd.adapter.layout import WorkerLayout
 from lightning_easgd.adapter.options import ExchangeOptions, Unsupported, worker_ddp_options
 from lightning_easgd.checkpoint.atomic_io import AtomicCheckpointIO
-from lightning_easgd.checkpoint.worker_files import WorkerCheckpoints
 from lightning_easgd.core import DEFAULT_BETA
 from lightning_easgd.core.worker import ElasticWorker, NonFinitePolicy
+from lightning_easgd.trainer.checkpoints import WorkerCheckpoints
 from lightning_easgd.trainer.guards import PerStepSyncGuard, refuse_weight_averaging
 
 
@@ -327,6 +327,13 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
         return output
 
     @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # A training batch may change the worker's state before its optimizer step (BatchNorm statistics, gradient
+        # accumulation): a save after it writes its own worker files instead of sharing an earlier save's.
+        self._checkpoints.touch()
+        super().on_train_batch_start(batch, batch_idx)
+
+    @override
     def on_train_start(self) -> None:
         assert self._averager is not None and self.lightning_module is not None
         trainer = self.lightning_module.trainer
@@ -379,7 +386,7 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
     def on_predict_end(self) -> None:
         self._restore_local()
 
-    # ------------------------------------------------------------------ checkpoints (lightning_easgd/checkpoint/worker_files.py)
+    # ------------------------------------------------------------------ checkpoints (trainer/checkpoints.py)
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -418,8 +425,8 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        if not self._checkpoints.load_optimizer_states(checkpoint):
-            super().load_optimizer_state_dict(checkpoint)
+        super().load_optimizer_state_dict(checkpoint)  # the hyperparameters (and, without worker files, rank 0's state)
+        self._checkpoints.restore_optimizers()
 
     # ------------------------------------------------------------------ registration
 

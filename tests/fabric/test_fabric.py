@@ -149,7 +149,7 @@ def _same_optimizer_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
 @pytest.fixture
 def warnings_(monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> Any:
     """The strategy's warnings, also from forked workers (printed to the inherited stderr)."""
-    for where in ("lightning_easgd.fabric.strategy", "lightning_easgd.adapter.layout", "lightning_easgd.checkpoint.worker_files"):
+    for where in ("lightning_easgd.adapter.layout", "lightning_easgd.checkpoint.routines"):
         monkeypatch.setattr(f"{where}.rank_zero_warn", lambda msg, *a, **k: print(msg, file=sys.stderr))
     capfd.readouterr()
     return lambda: capfd.readouterr().err
