@@ -22,13 +22,8 @@ import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 
-from lightning_easgd.checkpoint.worker_files import (
-    CHECKPOINT_KEY,
-    WORKERS_SUFFIX,
-    WorkerFileError,
-    check_section,
-    resolve_worker_file,
-)
+from lightning_easgd.checkpoint.section import CHECKPOINT_KEY, check_section
+from lightning_easgd.checkpoint.worker_files import WORKERS_SUFFIX, WorkerFileError, resolve_worker_file
 
 __all__ = ["UnusableCheckpointError", "check_checkpoint"]
 
