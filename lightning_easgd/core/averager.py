@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_easgd.core.buckets import ShardLayout, broadcast_tensors
+from lightning_easgd.core.buckets import ShardLayout, broadcast_tensors, master_dtype
 from lightning_easgd.core.center_momentum import make_center_momentum
 from lightning_easgd.core.worker import (
     ElasticWorker,
@@ -52,12 +52,6 @@ def _all_gather(output: Tensor, input: Tensor, group: dist.ProcessGroup | None) 
     work = gather(output, input, group=group, async_op=True)
     assert work is not None
     return work
-
-
-def master_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the center and d_i are kept in: float32 for 16-bit tensors (a bf16 center would lose the small
-    α·Σd updates and an fp16 sum can overflow), the tensors' own dtype otherwise."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def validate_exchange_dtype(exchange_dtype: object) -> torch.dtype | None:

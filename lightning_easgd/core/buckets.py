@@ -24,6 +24,12 @@ DEFAULT_CUDA_BUCKET_CAP_MB = 256.0
 of ~1,100 times with 25 MB, and the one transient bucket the sharded exchange needs stays small next to the model."""
 
 
+def master_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the center and d_i are kept in: float32 for 16-bit tensors (a bf16 center would lose the small
+    α·Σd updates and an fp16 sum can overflow), the tensors' own dtype otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def resolve_bucket_cap_mb(bucket_cap_mb: float | None, tensors: Sequence[Tensor]) -> float:
     """``bucket_cap_mb`` itself, or the default for where ``tensors`` live (larger on CUDA) when it is None."""
     if bucket_cap_mb is not None:
@@ -84,9 +90,16 @@ class FlatLayout:
         """Bytes one copy of all tensors occupies (what one exchange all-reduces)."""
         return sum(b.numel * torch.empty((), dtype=b.dtype).element_size() for b in self.buckets)
 
-    def allocate(self) -> list[Tensor]:
-        """One zero-filled flat buffer per bucket."""
-        return [torch.zeros(b.numel, device=b.device, dtype=b.dtype) for b in self.buckets]
+    def allocate(self, dtypes: Sequence[torch.dtype] | None = None) -> list[Tensor]:
+        """One zero-filled flat buffer per bucket, in the bucket's dtype or ``dtypes[b]``."""
+        if dtypes is None:
+            dtypes = [b.dtype for b in self.buckets]
+        return [torch.zeros(b.numel, device=b.device, dtype=dtype) for b, dtype in zip(self.buckets, dtypes)]
+
+    @property
+    def master_dtypes(self) -> list[torch.dtype]:
+        """Per bucket, the dtype a center of these tensors is kept in (:func:`master_dtype`)."""
+        return [master_dtype(b.dtype) for b in self.buckets]
 
     def views(self, flats: Sequence[Tensor]) -> list[Tensor]:
         """Per-tensor views into ``flats``, in the order of the tensors the layout was built from."""
