@@ -34,6 +34,7 @@ from torch import Tensor
 
 from lightning_easgd.core.buckets import ShardLayout, broadcast_tensors, master_dtype
 from lightning_easgd.core.center_momentum import make_center_momentum
+from lightning_easgd.core.staging import copy_to_host
 from lightning_easgd.core.worker import (
     ElasticWorker,
     ExchangeError,
@@ -547,16 +548,13 @@ class ElasticAverager(ElasticWorker):
         return stats
 
     def _read(self, stats: Tensor) -> Tensor:
-        """The statistics on the host: the exchange's one host synchronisation, through a pinned buffer on CUDA."""
+        """The statistics on the host: the exchange's one host synchronisation, through a pinned buffer on CUDA
+        (a sleeping wait on the statistics' device's stream, see :func:`~lightning_easgd.core.staging.copy_to_host`)."""
         if stats.device.type != "cuda":
             return stats
         if self._stats_host is None or self._stats_host.numel() != stats.numel():
             self._stats_host = torch.empty(stats.numel(), dtype=stats.dtype, pin_memory=True)
-        self._stats_host.copy_(stats, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        done.synchronize()
-        return self._stats_host
+        return copy_to_host(self._stats_host, stats)
 
     def _record_stats(self, values: Tensor) -> None:
         p = self.world_size
