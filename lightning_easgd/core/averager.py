@@ -336,8 +336,14 @@ class ElasticAverager(ElasticWorker):
             stats = self._pending.stats
             with torch.no_grad():
                 if self.world_size > 1:
-                    # An overflowing sum (finite inputs, inf total) must not reach the center either.
-                    stats[-1] = self._squared_norm(self._sum).to(stats.device)
+                    # An overflowing sum (finite inputs, inf total) must not reach the center either. With worker
+                    # groups each rank sums only its slice: the check is summed over the worker (on the device, no
+                    # host wait) so that all its ranks take the same decision; one raising while the others wait in
+                    # the gather of the pull would hang them.
+                    check = self._squared_norm(self._sum).to(stats.device)
+                    if self.ranks_per_worker > 1:
+                        self._wait_for([dist.all_reduce(check, group=self.worker_group, async_op=True)])
+                    stats[-1] = check
             values = self._read(stats)
             self._pending = None
             p = self.world_size
