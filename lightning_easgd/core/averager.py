@@ -34,6 +34,7 @@ from torch import Tensor
 
 from lightning_easgd.core.buckets import ShardLayout, broadcast_tensors, master_dtype
 from lightning_easgd.core.center_momentum import make_center_momentum
+from lightning_easgd.core.pinned import pinned_empty
 from lightning_easgd.core.staging import copy_to_host
 from lightning_easgd.core.worker import (
     ElasticWorker,
@@ -559,7 +560,7 @@ class ElasticAverager(ElasticWorker):
         if stats.device.type != "cuda":
             return stats
         if self._stats_host is None or self._stats_host.numel() != stats.numel():
-            self._stats_host = torch.empty(stats.numel(), dtype=stats.dtype, pin_memory=True)
+            self._stats_host = pinned_empty(stats.numel(), stats.dtype)
         return copy_to_host(self._stats_host, stats)
 
     def _record_stats(self, values: Tensor) -> None:

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_easgd.core.pinned import pinned_empty
+
 DEFAULT_BUCKET_CAP_MB = 25.0
 """Bucket size for host tensors (gloo), where it was measured to be as fast as one flat buffer."""
 DEFAULT_CUDA_BUCKET_CAP_MB = 256.0
@@ -161,9 +163,11 @@ class ShardLayout:
 
     def allocate(self, dtypes: Sequence[torch.dtype], device: torch.device | None = None,
                  pin: bool = False) -> list[Tensor]:
-        """One zero-filled slice per bucket, in ``dtypes[b]``, on the bucket's device unless ``device`` is given."""
+        """One zero-filled slice per bucket, in ``dtypes[b]``, on the bucket's device unless ``device`` is given;
+        ``pin``: page-locked host memory of the slice's exact size (:func:`~lightning_easgd.core.pinned.pinned_empty`)."""
         return [
-            torch.zeros(n, dtype=dtype, device=bucket.device if device is None else device, pin_memory=pin)
+            pinned_empty(n, dtype) if pin else
+            torch.zeros(n, dtype=dtype, device=bucket.device if device is None else device)
             for bucket, n, dtype in zip(self.layout.buckets, self.slice_numels, dtypes)
         ]
 

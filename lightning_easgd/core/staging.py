@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lightning_easgd.core.pinned import pinned_empty
+
 
 def blocking_event(stream: torch.cuda.Stream) -> torch.cuda.Event:
     """An event recorded on ``stream`` now, whose ``synchronize()`` sleeps instead of busy-waiting on the host."""
@@ -51,8 +53,9 @@ class HostStaging:
         self._uploads: list[torch.cuda.Event] = []  # the host sources of the last upload are read until these fire
 
     def empty(self, numel: int, dtype: torch.dtype) -> Tensor:
-        """A host buffer, pinned when the worker trains on CUDA (so that copies to and from it are asynchronous)."""
-        return torch.empty(numel, dtype=dtype, pin_memory=self.pinned)
+        """A zero-filled host buffer, pinned (to its exact size) when the worker trains on CUDA, so that copies to and
+        from it are asynchronous."""
+        return pinned_empty(numel, dtype) if self.pinned else torch.zeros(numel, dtype=dtype)
 
     def download(self, pairs: Sequence[tuple[Tensor, Tensor]]) -> None:
         """Copy every ``(host, device)`` pair's device tensor into its host tensor; return when all are there.
