@@ -426,6 +426,14 @@ class _TrainerClassifier(L.LightningModule):
         super().__init__()
         self.skip_step = skip_step
         self.net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+        # The GradScaler's final scale, brought back from the worker processes in the state dict (an integer
+        # buffer: EASGD averages floating-point tensors only).
+        self.register_buffer("grad_scale", torch.zeros((), dtype=torch.int64))
+
+    def on_train_end(self) -> None:
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            self.grad_scale.fill_(int(scaler.get_scale()))
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch
@@ -470,9 +478,8 @@ def _fit(device: torch.device, precision: str, samples: int, root: Path, ckpt_pa
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, DataLoader(_dataset(samples), batch_size=16), ckpt_path=ckpt_path)
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    scale = float(scaler.get_scale()) if scaler is not None and skip_step is not None else None
-    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}, scale
+    state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    return state, float(state["grad_scale"]) if skip_step is not None else None
 
 
 def check_trainer_precisions(device: torch.device, sizes: Sizes = FULL) -> Outcome:
@@ -486,10 +493,14 @@ def check_trainer_precisions(device: torch.device, sizes: Sizes = FULL) -> Outco
             root = Path(tmp) / precision
             skip = 3 if precision == "16-mixed" else None
             straight, scale = _fit(device, precision, sizes.c_samples, root / "straight", None, skip)
-            if scale is not None:
+            if scale is not None:  # 2**16 at the start, halved by every skipped step, doubled after 2000 good ones
                 metrics[f"{precision}_grad_scale"] = scale
-                if not scale < 65536.0:
-                    problems.append(f"{precision}: the GradScaler did not skip the non-finite step")
+                if scale == 0:
+                    problems.append(f"{precision}: no GradScaler ran (Lightning turns 16-mixed into bf16-mixed on "
+                                    "the CPU)")
+                elif not scale < 65536.0:
+                    problems.append(f"{precision}: the GradScaler's scale is {scale:g}: it did not skip the "
+                                    "non-finite step")
             resumed, _ = _fit(device, precision, sizes.c_samples, root / "resumed",
                               str(root / "straight" / "epoch=0.ckpt"), skip)
             diff = max(float((straight[k] - resumed[k]).abs().max()) for k in straight)
