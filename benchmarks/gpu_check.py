@@ -471,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one", choices=sorted([*device_checks.CHECKS, *MEASUREMENTS]), help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: the tiny CPU rehearsal of the tests (with --size tiny)")
-    parser.add_argument("--size", choices=sorted(SIZES), default="full", help=argparse.SUPPRESS)
+    parser.add_argument("--size", choices=sorted(SIZES), default="full",
+                        help="tiny: the sizes of the CPU rehearsal (with --device cpu)")
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
