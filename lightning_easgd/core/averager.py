@@ -32,8 +32,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_easgd.core.buckets import ShardLayout, broadcast_tensors
+from lightning_easgd.core.buckets import ShardLayout, broadcast_tensors, master_dtype
 from lightning_easgd.core.center_momentum import make_center_momentum
+from lightning_easgd.core.pinned import pinned_empty
+from lightning_easgd.core.staging import copy_to_host
 from lightning_easgd.core.worker import (
     ElasticWorker,
     ExchangeError,
@@ -52,12 +54,6 @@ def _all_gather(output: Tensor, input: Tensor, group: dist.ProcessGroup | None) 
     work = gather(output, input, group=group, async_op=True)
     assert work is not None
     return work
-
-
-def master_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the center and d_i are kept in: float32 for 16-bit tensors (a bf16 center would lose the small
-    α·Σd updates and an fp16 sum can overflow), the tensors' own dtype otherwise."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def validate_exchange_dtype(exchange_dtype: object) -> torch.dtype | None:
@@ -341,8 +337,14 @@ class ElasticAverager(ElasticWorker):
             stats = self._pending.stats
             with torch.no_grad():
                 if self.world_size > 1:
-                    # An overflowing sum (finite inputs, inf total) must not reach the center either.
-                    stats[-1] = self._squared_norm(self._sum).to(stats.device)
+                    # An overflowing sum (finite inputs, inf total) must not reach the center either. With worker
+                    # groups each rank sums only its slice: the check is summed over the worker (on the device, no
+                    # host wait) so that all its ranks take the same decision; one raising while the others wait in
+                    # the gather of the pull would hang them.
+                    check = self._squared_norm(self._sum).to(stats.device)
+                    if self.ranks_per_worker > 1:
+                        self._wait_for([dist.all_reduce(check, group=self.worker_group, async_op=True)])
+                    stats[-1] = check
             values = self._read(stats)
             self._pending = None
             p = self.world_size
@@ -607,16 +609,13 @@ class ElasticAverager(ElasticWorker):
         return stats
 
     def _read(self, stats: Tensor) -> Tensor:
-        """The statistics on the host: the exchange's one host synchronisation, through a pinned buffer on CUDA."""
+        """The statistics on the host: the exchange's one host synchronisation, through a pinned buffer on CUDA
+        (a sleeping wait on the statistics' device's stream, see :func:`~lightning_easgd.core.staging.copy_to_host`)."""
         if stats.device.type != "cuda":
             return stats
         if self._stats_host is None or self._stats_host.numel() != stats.numel():
-            self._stats_host = torch.empty(stats.numel(), dtype=stats.dtype, pin_memory=True)
-        self._stats_host.copy_(stats, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        done.synchronize()
-        return self._stats_host
+            self._stats_host = pinned_empty(stats.numel(), stats.dtype)
+        return copy_to_host(self._stats_host, stats)
 
     def _record_stats(self, values: Tensor) -> None:
         p = self.world_size

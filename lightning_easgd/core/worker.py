@@ -130,8 +130,10 @@ class ElasticWorker:
 
     def _init_center(self) -> None:
         """Allocate this worker's copy of the center and start it at the tensors' values (all ranks agree on them).
-        The default is a complete copy in the layout's buckets; an exchange that keeps only a slice overrides it."""
-        self._center = self.layout.allocate()
+        The default is a complete copy in the layout's buckets, in float32 for 16-bit tensors (as the synchronous
+        averager keeps it: a 16-bit center drops updates α·d smaller than half its spacing, and stops moving); an
+        exchange that keeps only a slice overrides it."""
+        self._center = self.layout.allocate(self.layout.master_dtypes)
         self._center_views = self.layout.views(self._center)
         with torch.no_grad():
             torch._foreach_copy_(self._center_views, self.tensors)
