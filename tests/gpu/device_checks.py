@@ -67,7 +67,7 @@ class Sizes:
 
 
 FULL = Sizes()
-TINY = Sizes(a_features=8, a_steps=5, b_processes=2, b_steps=5, c_precisions=("32-true", "bf16-mixed"),
+TINY = Sizes(a_features=8, a_steps=5, b_processes=2, b_steps=5, c_precisions=("32-true", "bf16-mixed", "bf16-true"),
              c_samples=64, f_samples=32)
 
 
