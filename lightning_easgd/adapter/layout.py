@@ -26,6 +26,7 @@ from lightning_easgd.adapter.options import ExchangeOptions, refuse_unused_worke
 from lightning_easgd.core import ElasticAverager, resolve_alpha
 from lightning_easgd.core.buckets import check_device
 from lightning_easgd.core.center_momentum import check_center_momentum
+from lightning_easgd.core.family import WorkerPull, check_reset_beta
 from lightning_easgd.core.topology import WorkerTopology, worker_topology
 from lightning_easgd.core.worker import ElasticWorker, NonFinitePolicy
 
@@ -74,6 +75,8 @@ class WorkerLayout:
         self.bucket_cap_mb = options.bucket_cap_mb
         self.save_worker_states = options.save_worker_states
         self.on_nonfinite: NonFinitePolicy = options.on_nonfinite
+        self.worker_pull: WorkerPull = options.worker_pull
+        self.sync_steps, self.sync_epochs = options.sync_steps, options.sync_epochs
         self._topology = None
         self._followers = ()
         self._state_keys = {}
@@ -149,7 +152,10 @@ class WorkerLayout:
                 "stalled peer then hangs the exchange instead of ending the run after `timeout`; unset it."
             )
         alpha, warning = resolve_alpha(options.alpha, options.beta, p)
-        if options.center_momentum:  # momentum moves the overshoot threshold (and the divergence bound)
+        if options.worker_pull == "reset":  # beta is the outer learning rate: its own bound, no overshoot warning
+            check_reset_beta(p * alpha, options.center_momentum, options.center_nesterov)
+            warning = None
+        elif options.center_momentum:  # momentum moves the overshoot threshold (and the divergence bound)
             warning = check_center_momentum(p * alpha, options.center_momentum, options.center_nesterov)
         if warning:
             rank_zero_warn(warning)
@@ -175,7 +181,8 @@ class WorkerLayout:
                                worker_group=topology.worker_group, center_device=options.center_device,
                                exchange_dtype=options.exchange_dtype, center_momentum=options.center_momentum,
                                center_nesterov=options.center_nesterov, warmup_steps=options.warmup_steps,
-                               warmup_tau=options.warmup_tau,
+                               warmup_tau=options.warmup_tau, worker_pull=options.worker_pull,
+                               sync_steps=options.sync_steps,
                                follow_first_rank=self._followers if topology.worker_group is not None else ())
 
     def _apply_resets(self, optimizers: Iterable[Optimizer]) -> None:
