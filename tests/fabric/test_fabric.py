@@ -603,3 +603,52 @@ def test_quickstart_with_the_registry_name(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:]
     assert "center accuracy" in done.stdout
     assert (tmp_path / "outputs" / "fabric_quickstart" / "center.ckpt").exists()
+
+
+# ---------------------------------------------------------------------- the elastic family (docs/family.md)
+
+
+@pytest.mark.parametrize(
+    ("p", "k", "options", "closure"),
+    [
+        (2, 1, {"tau": 3, "worker_pull": "reset", "center_momentum": 0.9, "center_nesterov": True, "beta": 0.7},
+         False),  # DiLoCo
+        (3, 1, {"tau": 2, "sync_steps": 3}, True),  # post-local SGD, gradients averaged after the closure
+        (2, 1, {"tau": 2, "sync_steps": 4, "worker_pull": "reset", "beta": 1.0}, False),  # post-local averaging
+        (2, 2, {"tau": 2, "sync_steps": 3, "worker_pull": "reset", "beta": 1.0, "center_momentum": 0.5}, False),
+    ],
+    ids=["diloco", "sync-closure", "sync-local-sgd", "sync-slowmo-groups"],
+)
+def test_family_matches_replay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, p: int, k: int,
+                               options: dict[str, Any], closure: bool) -> None:
+    """The reset rule and the synchronous start in a Fabric loop: the Trainer's replay, every worker and the center,
+    with the synchronous steps' all-reduce and the exchanges on their steps (worker groups: across the column)."""
+    module, init = twins(ToyRegressor, 2, lr=0.1, momentum=0.9, nesterov=True)
+    dataset = make_dataset(48)
+    count_collectives(monkeypatch)
+    records = run(p * k, EASGDFabricStrategy(ranks_per_worker=k, start_method="fork", **options), tmp_path, module,
+                  dataset, epochs=2, batch_size=2, closure=closure)
+    sync, tau = options.get("sync_steps", 0), options["tau"]
+    due = (lambda t: t > sync and (t - sync) % tau == 0) if sync else (lambda t: t > 0 and t % tau == 0)
+    expected = replay_center_momentum(init, dataset, p=p, alpha=options.get("beta", 0.9) / p,
+                                      momentum=options.get("center_momentum", 0.0),
+                                      nesterov=options.get("center_nesterov", False), due=due, epochs=2,
+                                      batch_size=2, seed=SEED, reset=options.get("worker_pull") == "reset",
+                                      sync_steps=sync, ranks_per_worker=k)
+    assert_matches_replay(records, expected, ATOL, k)
+    for rank, rec in enumerate(records):
+        steps = [t for t, calls in enumerate(rec["collectives"]) if calls.get("all_reduce")]
+        if k == 1:
+            assert steps == list(range(sync)) + expected.exchange_steps, f"rank {rank}"
+        if options.get("center_momentum"):
+            assert_close(rec["velocity"], expected.velocity, ATOL, f"rank {rank} center velocity")
+
+
+def test_family_options_refused_by_fabric() -> None:
+    with pytest.raises(ValueError, match=r"EASGDFabricStrategy does not accept sync_epochs=2: Fabric never sees the "
+                                         r"training loop's length.*pass sync_steps"):
+        EASGDFabricStrategy(sync_epochs=2)
+    with pytest.raises(ValueError, match=r"worker_pull='average' is invalid"):
+        EASGDFabricStrategy(worker_pull="average")
+    with pytest.raises(ValueError, match=r"sync_steps=2 cannot be combined with warmup_steps=4"):
+        EASGDFabricStrategy(sync_steps=2, warmup_steps=4, warmup_tau=2)

@@ -117,17 +117,48 @@ def test_sync_start_matches_replay_and_hands_over(tmp_path: Path, monkeypatch: p
             assert torch.equal(value, handover["local"][name]), name
             assert torch.equal(value, torch.load(tmp_path / "handover0.pt", weights_only=False)["local"][name])
         # Bytes of both phases: N steps of the whole model (gradients and buffers), no exchange yet.
-        assert handover["bytes"] == (sync * NUMEL_WITH(batchnorm) * 8, 0)
+        assert handover["bytes"] == (sync * numel_with(batchnorm) * 8, 0)
     # The monitor logs the exchanges after the hand-over only, numbered from it.
     with open(tmp_path / "logs" / "version_0" / "metrics.csv") as f:
         rows = [row for row in csv.DictReader(f) if row.get("easgd/distance_mean")]
     assert [int(row["step"]) for row in rows] == exchanges
-    assert float(rows[0]["easgd/bytes_sync"]) == sync * NUMEL_WITH(batchnorm) * 8
+    assert float(rows[0]["easgd/bytes_sync"]) == sync * numel_with(batchnorm) * 8
     assert [float(row["easgd/bytes_exchanges"]) for row in rows] == [
         (i + 1) * records[0]["bytes_per_exchange"] for i in range(len(rows))]
 
 
-def NUMEL_WITH(batchnorm: bool) -> int:  # noqa: N802
+def test_sync_start_with_worker_groups_matches_replay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """2 workers of 2 ranks: DDP averages inside each worker, the synchronous start all-reduces the gradients across
+    the workers' columns (the whole gradient on every rank), then the reset rule exchanges the slices."""
+    module, init = twins(ToyRegressor, 8, lr=0.1, momentum=0.9, nesterov=True)
+    dataset = make_dataset(48)
+    count_collectives(monkeypatch)
+    _, records = fit_fork(module, dataset, tmp_path, p=4, epochs=2, batch_size=2,
+                          callbacks=[HandOver(tmp_path, 3)],
+                          strategy=EASGDStrategy(tau=2, sync_steps=4, worker_pull="reset", beta=1.0,
+                                                 ranks_per_worker=2, start_method="fork"))
+    due = lambda t: t > 4 and (t - 4) % 2 == 0
+    expected = replay_center_momentum(init, dataset, p=2, alpha=0.5, momentum=0.0, nesterov=False, due=due,
+                                      epochs=2, batch_size=2, seed=SEED, reset=True, sync_steps=4,
+                                      ranks_per_worker=2)
+    assert_matches_replay(records, expected, ATOL, k=2)
+    for rank, rec in enumerate(records):
+        column = (rank % 2, rank % 2 + 2)
+        for step, traffic in rec["traffic"]:
+            t = step - 1
+            if t < 4:
+                assert traffic == [("all_reduce", column, NUMEL * 8)], f"rank {rank} step {t}: {traffic}"
+            elif not due(t):
+                if t == 4:  # HandOver gathered the sharded center after step 3: the test's collective, not training's
+                    traffic = [call for call in traffic if call[:2] != ("all_gather_single", (rank - rank % 2,
+                                                                                              rank - rank % 2 + 1))]
+                assert traffic == [], f"rank {rank} step {t}: {traffic}"
+        handover = torch.load(tmp_path / f"handover{rank}.pt", weights_only=False)
+        assert_close(handover["local"], handover["center"], 0.0, f"rank {rank} at the hand-over")
+        assert handover["bytes"] == (4 * NUMEL * 8, 0)
+
+
+def numel_with(batchnorm: bool) -> int:
     """The toy model's floating-point elements (BatchNorm1d(8) adds weight, bias, running mean and variance)."""
     return NUMEL + (4 * 8 if batchnorm else 0)
 
@@ -138,9 +169,9 @@ def test_sync_epochs_is_sync_steps_of_the_loaders_length(tmp_path: Path) -> None
     runs = []
     for name, options in (("epochs", {"sync_epochs": 1}), ("steps", {"sync_steps": 3})):
         module, _ = twins(ToyRegressor, 6, lr=0.1)
-        trainer, records = fit_fork(module, dataset, tmp_path / name, p=2, epochs=2, batch_size=4,
-                                    accumulate_grad_batches=2,
-                                    strategy=EASGDStrategy(tau=2, start_method="fork", **options))
+        _, records = fit_fork(module, dataset, tmp_path / name, p=2, epochs=2, batch_size=4,
+                              accumulate_grad_batches=2,
+                              strategy=EASGDStrategy(tau=2, start_method="fork", **options))
         runs.append(records)
     for a, b in zip(*runs):
         assert_close(a["local"], b["local"], 0.0, "sync_epochs=1 against sync_steps=3")
