@@ -652,3 +652,45 @@ def test_family_options_refused_by_fabric() -> None:
         EASGDFabricStrategy(worker_pull="average")
     with pytest.raises(ValueError, match=r"sync_steps=2 cannot be combined with warmup_steps=4"):
         EASGDFabricStrategy(sync_steps=2, warmup_steps=4, warmup_tau=2)
+
+
+def _clipped_loop(fabric: Fabric, module: ToyRegressor, dataset: TensorDataset, out: Path) -> None:
+    """Two epochs with ``fabric.clip_gradients`` between backward and step; saves the local weights (and the center
+    under EASGD)."""
+    model, optimizer = fabric.setup(module, module.configure_optimizers())
+    loader = fabric.setup_dataloaders(DataLoader(dataset, batch_size=4, shuffle=True))
+    for _ in range(2):
+        for x, y in loader:
+            optimizer.zero_grad()
+            fabric.backward(mse_loss(model(x), y))
+            fabric.clip_gradients(model, optimizer, max_norm=0.05)
+            optimizer.step()
+    strategy = fabric.strategy
+    center = ({n: v.clone() for n, v in zip(strategy.averager.names, strategy.averager.center_values())}
+              if isinstance(strategy, EASGDFabricStrategy) else None)
+    torch.save({"local": {k: v.clone() for k, v in module.state_dict().items()}, "center": center},
+               out / f"rank{fabric.global_rank}.pt")
+
+
+def test_all_synchronous_fabric_loop_with_clipping_is_fabrics_ddp(tmp_path: Path) -> None:
+    """sync_steps beyond the loop: every step is DDP's, with the gradients averaged before ``fabric.clip_gradients``
+    clips them, so every worker and the center end where Fabric's own DDPStrategy ends."""
+    from lightning.fabric.strategies import DDPStrategy as FabricDDPStrategy
+
+    dataset = make_dataset(48)
+    results = {}
+    for name, strategy in (("easgd", EASGDFabricStrategy(tau=2, sync_steps=1000, start_method="fork")),
+                           ("ddp", FabricDDPStrategy(start_method="fork"))):
+        module, _ = twins(ToyRegressor, 9, lr=0.2, momentum=0.9, nesterov=True)
+        (tmp_path / name).mkdir()
+        Fabric(accelerator="cpu", devices=2, strategy=strategy).launch(_clipped_loop, module, dataset, tmp_path / name)
+        results[name] = [torch.load(tmp_path / name / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ddp = results["ddp"][0]["local"]
+    for rank, rec in enumerate(results["easgd"]):
+        assert_close(rec["local"], ddp, ATOL, f"worker {rank} against DDP")
+        assert_close(rec["center"], ddp, ATOL, f"rank {rank} center against DDP")
+    module, init = twins(ToyRegressor, 9, lr=0.2, momentum=0.9, nesterov=True)
+    per_worker = replay_center_momentum(init, dataset, p=2, alpha=0.45, momentum=0.0, nesterov=False,
+                                        due=lambda t: False, epochs=2, batch_size=4, seed=SEED, sync_steps=1000)
+    # Without clipping the same averaged steps end elsewhere: the clipping acted.
+    assert (per_worker.center["net.0.weight"] - ddp["net.0.weight"]).abs().max() > 1e-4

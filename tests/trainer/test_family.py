@@ -14,10 +14,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DDPStrategy
 
 from helpers.asserts import assert_close, assert_matches_replay
 from helpers.instruments import count_collectives
-from helpers.launch import SEED, fit_fork
+from helpers.launch import SEED, fit_fork, loaders
 from helpers.momentum_replay import replay_center_momentum
 from helpers.toy import ToyRegressor, make_dataset, twins
 from lightning_easgd import AsyncEASGDStrategy, EASGDStrategy, ElasticDistanceMonitor
@@ -156,6 +157,33 @@ def test_sync_start_with_worker_groups_matches_replay(tmp_path: Path, monkeypatc
         handover = torch.load(tmp_path / f"handover{rank}.pt", weights_only=False)
         assert_close(handover["local"], handover["center"], 0.0, f"rank {rank} at the hand-over")
         assert handover["bytes"] == (4 * NUMEL * 8, 0)
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_an_all_synchronous_run_is_lightnings_ddp(tmp_path: Path, clip: float | None) -> None:
+    """sync_steps beyond the run: every step is DDP's, so every worker and the center end where Lightning's own
+    DDPStrategy ends (an independent implementation), also with gradient clipping, which must see the averaged
+    gradient (clipping each worker's own before averaging would differ)."""
+    dataset = make_dataset(48)
+    module, init = twins(ToyRegressor, 9, lr=0.2, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    clipping = {} if clip is None else {"gradient_clip_val": clip, "gradient_clip_algorithm": "norm"}
+    _, records = fit_fork(module, dataset, tmp_path / "easgd", p=3, epochs=2, batch_size=4,
+                          strategy=EASGDStrategy(tau=2, sync_steps=1000, start_method="fork"), **clipping)
+    train, val = loaders(dataset, 4)
+    trainer = L.Trainer(accelerator="cpu", devices=3, strategy=DDPStrategy(start_method="fork"), max_epochs=2,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(tmp_path / "ddp"),
+                        **clipping)
+    trainer.fit(init, train, val)  # the fork launcher loads rank 0's final weights into `init`
+    ddp = {k: v for k, v in init.state_dict().items() if v.is_floating_point()}
+    for rank, rec in enumerate(records):
+        assert_close(rec["local"], ddp, ATOL, f"worker {rank} against DDP")
+        assert_close(rec["center"], ddp, ATOL, f"rank {rank} center against DDP")
+    if clip is not None:  # the clipping acted: the unclipped run ends elsewhere
+        module, _ = twins(ToyRegressor, 9, lr=0.2, momentum=0.9, nesterov=True, weight_decay=1e-3)
+        _, free = fit_fork(module, dataset, tmp_path / "free", p=3, epochs=2, batch_size=4,
+                           strategy=EASGDStrategy(tau=2, sync_steps=1000, start_method="fork"))
+        assert (free[0]["center"]["net.0.weight"] - ddp["net.0.weight"]).abs().max() > 1e-4
 
 
 def numel_with(batchnorm: bool) -> int:
