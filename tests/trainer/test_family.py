@@ -20,7 +20,7 @@ from helpers.asserts import assert_close, assert_matches_replay
 from helpers.instruments import count_collectives
 from helpers.launch import SEED, fit_fork, loaders
 from helpers.momentum_replay import replay_center_momentum
-from helpers.toy import ToyRegressor, make_dataset, twins
+from helpers.toy import ToyRegressor, TwoOptimizerRegressor, make_dataset, twins
 from lightning_easgd import AsyncEASGDStrategy, EASGDStrategy, ElasticDistanceMonitor
 
 ATOL = 1e-10  # float64 model: the only differences are summation order in the all-reduces
@@ -159,13 +159,15 @@ def test_sync_start_with_worker_groups_matches_replay(tmp_path: Path, monkeypatc
         assert handover["bytes"] == (4 * NUMEL * 8, 0)
 
 
-@pytest.mark.parametrize("clip", [None, 0.05])
-def test_an_all_synchronous_run_is_lightnings_ddp(tmp_path: Path, clip: float | None) -> None:
+@pytest.mark.parametrize(("cls", "clip"), [(ToyRegressor, None), (ToyRegressor, 0.05), (TwoOptimizerRegressor, None)])
+def test_an_all_synchronous_run_is_lightnings_ddp(tmp_path: Path, cls: type[ToyRegressor], clip: float | None) -> None:
     """sync_steps beyond the run: every step is DDP's, so every worker and the center end where Lightning's own
     DDPStrategy ends (an independent implementation), also with gradient clipping, which must see the averaged
-    gradient (clipping each worker's own before averaging would differ)."""
+    gradient (clipping each worker's own before averaging would differ), and in manual optimization with two
+    optimizers (each step averages its own optimizer's gradients)."""
     dataset = make_dataset(48)
-    module, init = twins(ToyRegressor, 9, lr=0.2, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    options = {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-3} if cls is ToyRegressor else {}
+    module, init = twins(cls, 9, lr=0.2, **options)
     clipping = {} if clip is None else {"gradient_clip_val": clip, "gradient_clip_algorithm": "norm"}
     _, records = fit_fork(module, dataset, tmp_path / "easgd", p=3, epochs=2, batch_size=4,
                           strategy=EASGDStrategy(tau=2, sync_steps=1000, start_method="fork"), **clipping)
@@ -180,7 +182,7 @@ def test_an_all_synchronous_run_is_lightnings_ddp(tmp_path: Path, clip: float | 
         assert_close(rec["local"], ddp, ATOL, f"worker {rank} against DDP")
         assert_close(rec["center"], ddp, ATOL, f"rank {rank} center against DDP")
     if clip is not None:  # the clipping acted: the unclipped run ends elsewhere
-        module, _ = twins(ToyRegressor, 9, lr=0.2, momentum=0.9, nesterov=True, weight_decay=1e-3)
+        module, _ = twins(cls, 9, lr=0.2, **options)
         _, free = fit_fork(module, dataset, tmp_path / "free", p=3, epochs=2, batch_size=4,
                            strategy=EASGDStrategy(tau=2, sync_steps=1000, start_method="fork"))
         assert (free[0]["center"]["net.0.weight"] - ddp["net.0.weight"]).abs().max() > 1e-4
@@ -289,8 +291,6 @@ def test_reset_refuses_an_unstable_outer_step(tmp_path: Path) -> None:
 
 
 def test_sync_epochs_refused_with_manual_optimization(tmp_path: Path) -> None:
-    from helpers.toy import TwoOptimizerRegressor
-
     module, _ = twins(TwoOptimizerRegressor, 0)
     with pytest.raises(Exception, match="sync_epochs needs the number of optimizer steps per epoch, which manual"):
         fit_fork(module, make_dataset(8), tmp_path, p=2, epochs=1, batch_size=4,
