@@ -151,6 +151,12 @@ class WorkerLayout:
                 "EASGD: TORCH_NCCL_ASYNC_ERROR_HANDLING=0 disables NCCL's handling of collective timeouts: a dead or "
                 "stalled peer then hangs the exchange instead of ending the run after `timeout`; unset it."
             )
+        if options.worker_pull == "reset" and options.alpha is None and options.beta >= p:
+            raise ValueError(
+                f"worker_pull='reset' with beta={options.beta:g} and {p} worker(s) gives alpha = beta/p = "
+                f"{options.beta / p:g}, outside the moving rate's range (0, 1): a single worker has no one to average "
+                "with; train with at least 2 workers, or pass beta < 1"
+            )
         alpha, warning = resolve_alpha(options.alpha, options.beta, p)
         if options.worker_pull == "reset":  # beta is the outer learning rate: its own bound, no overshoot warning
             check_reset_beta(p * alpha, options.center_momentum, options.center_nesterov)

@@ -694,3 +694,31 @@ def test_all_synchronous_fabric_loop_with_clipping_is_fabrics_ddp(tmp_path: Path
                                         due=lambda t: False, epochs=2, batch_size=4, seed=SEED, sync_steps=1000)
     # Without clipping the same averaged steps end elsewhere: the clipping acted.
     assert (per_worker.center["net.0.weight"] - ddp["net.0.weight"]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("sync", [8, 6, 4])  # the resume at clock 6: inside the start, at the hand-over, after it
+def test_synchronous_start_resumes_exactly(tmp_path: Path, sync: int) -> None:
+    """fabric.save after epoch 0 (clock 6) and fabric.load in fresh processes reproduce the uninterrupted run with
+    the reset rule and heavy-ball center momentum, the exchanges on the same steps (t > N, (t − N) % 2 == 0)."""
+    dataset = make_dataset(48, dtype=torch.float32)
+    torch.manual_seed(13)
+    init = _resume_model().state_dict()
+    straight = _resume_model()
+    straight.load_state_dict(init)
+    ckpt = tmp_path / "ckpt"
+
+    def strategy() -> EASGDFabricStrategy:
+        return EASGDFabricStrategy(tau=2, sync_steps=sync, worker_pull="reset", beta=1.0, center_momentum=0.5,
+                                   start_method="fork")
+
+    full = run(2, strategy(), tmp_path / "full", straight, dataset, epochs=2, batch_size=4, save=ckpt)
+    second = run(2, strategy(), tmp_path / "second", _resume_model(), dataset, epochs=2, batch_size=4,
+                 first_epoch=1, load=ckpt / "epoch=0.ckpt")
+    exchanges = [t for t in range(12) if t > sync and (t - sync) % 2 == 0]
+    for rank in range(2):
+        assert_close(second[rank]["local"], full[rank]["local"], 1e-6, f"worker {rank} after resume")
+        assert_close(second[rank]["center"], full[rank]["center"], 1e-6, "center after resume")
+        assert [s.step for s in full[rank]["stats"]] == exchanges
+        assert [s.step for s in second[rank]["stats"]] == [t for t in exchanges if t >= 6]
+    # Dropout differs between the ranks: only the synchronous start keeps the workers identical.
+    assert not torch.equal(full[0]["local"]["net.0.weight"], full[1]["local"]["net.0.weight"])

@@ -290,6 +290,14 @@ def test_reset_refuses_an_unstable_outer_step(tmp_path: Path) -> None:
                                         start_method="fork"))
 
 
+def test_reset_with_a_single_worker_names_the_range(tmp_path: Path) -> None:
+    module, _ = twins(ToyRegressor, 0)
+    with pytest.raises(Exception, match=r"worker_pull='reset' with beta=1 and 1 worker\(s\) gives alpha = beta/p = 1, "
+                                        r"outside the moving rate's range \(0, 1\)"):
+        fit_fork(module, make_dataset(8), tmp_path, p=1, epochs=1, batch_size=4,
+                 strategy=EASGDStrategy(beta=1.0, worker_pull="reset", start_method="fork"))
+
+
 def test_sync_epochs_refused_with_manual_optimization(tmp_path: Path) -> None:
     module, _ = twins(TwoOptimizerRegressor, 0)
     with pytest.raises(Exception, match="sync_epochs needs the number of optimizer steps per epoch, which manual"):
