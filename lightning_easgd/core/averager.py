@@ -206,8 +206,10 @@ class ElasticAverager(ElasticWorker):
         self._follow = [t for name, t in zip(self.names, self.tensors) if name in self._follow_names]
         self._stats_host: Tensor | None = None
         self._pending: _PendingExchange | None = None
-        self._average = GradientAverage([t for t in self.tensors if not isinstance(t, torch.nn.Parameter)],
-                                        self.group, self.world_size, self._wait_for)
+        self._average = GradientAverage(
+            [t for t in self.tensors if not isinstance(t, torch.nn.Parameter)], self.group, self.world_size,
+            self._wait_for, self.ranks_per_worker, self.rank_in_worker,
+            lambda output, part: _all_gather(output, part, self.worker_group))
         self._sync: bool | None = None  # in a synchronous step: whether its gradients were averaged; else None
 
     def _init_center(self) -> None:
@@ -253,8 +255,8 @@ class ElasticAverager(ElasticWorker):
 
     @property
     def bytes_per_sync_step(self) -> int:
-        """Bytes each rank sends into one step of the synchronous start: the gradients of the parameters and the
-        floating-point buffers (the whole model, not 1/k of it, with k ranks per worker)."""
+        """Bytes each rank sends into the workers' all-reduce of one step of the synchronous start: the gradients of
+        the parameters and the floating-point buffers (1/k of them with k ranks per worker, padded to k slices)."""
         return self._average.nbytes([t for t in self.tensors if isinstance(t, torch.nn.Parameter)])
 
     def bytes_sent(self, clock: int | None = None) -> tuple[int, int]:

@@ -136,20 +136,32 @@ class GradientAverage:
     send the same tensors). The tensors travel in one flat buffer per dtype, allocated for the call: one transient
     copy of the gradients and buffers.
 
+    With worker groups of k ranks (whose DDP has already averaged the gradients inside the worker, so its ranks hold
+    the same values), rank j all-reduces only slice j of each flat buffer with rank j of the other workers (its column)
+    and the worker then all-gathers the averaged slices, as the exchange does with d_i: each rank sends 1/k of the
+    gradients across workers.
+
     Args:
         buffers: the floating-point buffers to average (the exchange's tensors that are not parameters).
-        group: the workers' process group (the column group with worker groups, where the DDP inside each worker
-            has already averaged the gradients over its ranks).
+        group: the workers' process group (the column group with worker groups).
         world_size: the number of workers in ``group``.
         wait: waits on the started collectives (the exchange's, which turns failures into its errors).
+        ranks_per_worker, rank_in_worker: k and this rank's j in its worker.
+        gather: starts the all-gather of the slices inside the worker, ``gather(output, input)`` (needed for k > 1).
     """
 
     def __init__(self, buffers: Sequence[Tensor], group: dist.ProcessGroup | None, world_size: int,
-                 wait: Callable[[list[dist.Work]], None]) -> None:
+                 wait: Callable[[list[dist.Work]], None], ranks_per_worker: int = 1, rank_in_worker: int = 0,
+                 gather: Callable[[Tensor, Tensor], dist.Work] | None = None) -> None:
+        if ranks_per_worker > 1 and gather is None:
+            raise ValueError("GradientAverage with ranks_per_worker > 1 needs the worker's all-gather (gather=...)")
         self.buffers = list(buffers)
         self.group = group
         self.world_size = world_size
+        self.ranks_per_worker = ranks_per_worker
+        self.rank_in_worker = rank_in_worker
         self._wait = wait
+        self._gather = gather
 
     def __call__(self, parameters: Sequence[Tensor]) -> None:
         """Average the gradients of ``parameters`` (those that require one) and the buffers, in place."""
@@ -157,24 +169,44 @@ class GradientAverage:
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        tensors = [p.grad for p in params] + self.buffers  # type: ignore[misc]
-        if self.world_size < 2 or not tensors:
+        if self.world_size < 2:
             return
-        by_dtype: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-        for t in tensors:
-            by_dtype.setdefault((t.dtype, t.device), []).append(t)
+        groups = self._by_dtype([p.grad for p in params] + self.buffers)  # type: ignore[misc]
+        k, j = self.ranks_per_worker, self.rank_in_worker
         with torch.no_grad():
-            flats = [torch.cat([t.reshape(-1) for t in group]) for group in by_dtype.values()]
-            self._wait([dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
-                        for flat in flats])
-            for flat, group in zip(flats, by_dtype.values()):
-                flat.div_(self.world_size)
-                torch._foreach_copy_(group, [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in group]),
-                                                                         group)])
+            flats, slices = [], []
+            for tensors in groups:
+                n = sum(t.numel() for t in tensors)
+                size = -(-n // k)  # padded to k equal slices
+                flat = torch.empty(size * k, dtype=tensors[0].dtype, device=tensors[0].device)
+                torch.cat([t.reshape(-1) for t in tensors], out=flat[:n])
+                flat[n:].zero_()
+                flats.append(flat)
+                slices.append(flat[j * size : (j + 1) * size])
+            self._wait([dist.all_reduce(part, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+                        for part in slices])
+            for flat, part in zip(flats, slices):
+                part.div_(self.world_size)
+                if k > 1:
+                    assert self._gather is not None
+                    self._wait([self._gather(flat, part.clone())])
+            for flat, tensors in zip(flats, groups):
+                values = flat[: sum(t.numel() for t in tensors)].split([t.numel() for t in tensors])
+                torch._foreach_copy_(tensors, [v.view_as(t) for v, t in zip(values, tensors)])
 
     def nbytes(self, parameters: Sequence[Tensor]) -> int:
-        """Bytes each rank sends into one call with ``parameters`` (0 without peers)."""
+        """Bytes each rank sends into the workers' all-reduce of one call with ``parameters`` (0 without peers; 1/k of
+        the gradients and buffers with worker groups, as :attr:`ElasticAverager.bytes_per_exchange` counts)."""
         if self.world_size < 2:
             return 0
-        tensors = [p for p in parameters if p.requires_grad] + self.buffers
-        return sum(t.numel() * t.element_size() for t in tensors)
+        groups = self._by_dtype([p for p in parameters if p.requires_grad] + self.buffers)
+        k = self.ranks_per_worker
+        return sum(-(-sum(t.numel() for t in ts) // k) * ts[0].element_size() for ts in groups)
+
+    @staticmethod
+    def _by_dtype(tensors: list[Tensor]) -> list[list[Tensor]]:
+        """``tensors`` grouped by dtype and device, in first-seen order (one flat buffer each)."""
+        groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+        for t in tensors:
+            groups.setdefault((t.dtype, t.device), []).append(t)
+        return list(groups.values())

@@ -122,7 +122,7 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
             is reset with β = 1; SlowMo adds heavy-ball ``center_momentum``; DiLoCo Nesterov (β = 0.7, μ = 0.9).
             See docs/family.md.
         sync_steps: a synchronous start (post-local SGD): optimizer steps t < ``sync_steps`` average the gradients
-            over all workers (DDP's rule; with worker groups across the workers' column) and the floating-point
+            over all workers (DDP's rule; with worker groups sliced across the workers' columns) and the floating-point
             buffers, so the workers stay identical and the center follows them; exchanges then happen at the steps
             t > N with (t − N) % tau == 0. 0 (default): none. Not combinable with ``warmup_steps``.
         sync_epochs: the synchronous start in epochs instead, turned into optimizer steps at the start of ``fit``

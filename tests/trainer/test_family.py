@@ -129,8 +129,9 @@ def test_sync_start_matches_replay_and_hands_over(tmp_path: Path, monkeypatch: p
 
 
 def test_sync_start_with_worker_groups_matches_replay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """2 workers of 2 ranks: DDP averages inside each worker, the synchronous start all-reduces the gradients across
-    the workers' columns (the whole gradient on every rank), then the reset rule exchanges the slices."""
+    """2 workers of 2 ranks: DDP averages inside each worker, the synchronous start all-reduces slice j of the
+    gradients across the workers' column j and gathers the slices inside the worker, then the reset rule exchanges
+    the slices of d_i."""
     module, init = twins(ToyRegressor, 8, lr=0.1, momentum=0.9, nesterov=True)
     dataset = make_dataset(48)
     count_collectives(monkeypatch)
@@ -144,11 +145,13 @@ def test_sync_start_with_worker_groups_matches_replay(tmp_path: Path, monkeypatc
                                       ranks_per_worker=2)
     assert_matches_replay(records, expected, ATOL, k=2)
     for rank, rec in enumerate(records):
-        column = (rank % 2, rank % 2 + 2)
+        column, worker = (rank % 2, rank % 2 + 2), (rank - rank % 2, rank - rank % 2 + 1)
+        half = -(-NUMEL // 2) * 8  # the gradients padded to 2 slices, float64
         for step, traffic in rec["traffic"]:
             t = step - 1
             if t < 4:
-                assert traffic == [("all_reduce", column, NUMEL * 8)], f"rank {rank} step {t}: {traffic}"
+                assert traffic == [("all_reduce", column, half), ("all_gather_single", worker, half)], (
+                    f"rank {rank} step {t}: {traffic}")
             elif not due(t):
                 if t == 4:  # HandOver gathered the sharded center after step 3: the test's collective, not training's
                     traffic = [call for call in traffic if call[:2] != ("all_gather_single", (rank - rank % 2,
@@ -156,7 +159,7 @@ def test_sync_start_with_worker_groups_matches_replay(tmp_path: Path, monkeypatc
                 assert traffic == [], f"rank {rank} step {t}: {traffic}"
         handover = torch.load(tmp_path / f"handover{rank}.pt", weights_only=False)
         assert_close(handover["local"], handover["center"], 0.0, f"rank {rank} at the hand-over")
-        assert handover["bytes"] == (4 * NUMEL * 8, 0)
+        assert handover["bytes"] == (4 * half, 0)
 
 
 @pytest.mark.parametrize(("cls", "clip"), [(ToyRegressor, None), (ToyRegressor, 0.05), (TwoOptimizerRegressor, None)])
