@@ -141,11 +141,13 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
 
     Raises:
         ValueError: for an invalid ``tau``, ``alpha``, ``beta``, ``bucket_cap_mb``, ``ranks_per_worker``,
-            ``center_device``, ``exchange_dtype`` or ``start_method``, and for options of DDP that have no meaning
+            ``center_device``, ``exchange_dtype``, ``worker_pull``, ``sync_steps``, ``sync_epochs`` (or both of the
+            last two, or either with ``warmup_steps``) or ``start_method``, and for options of DDP that have no meaning
             here (communication hooks, ``model_averaging_period``, DistributedDataParallel's own arguments such as
             ``find_unused_parameters`` with one rank per worker, and those the strategy sets itself with more). At
-            setup: a world size that ``ranks_per_worker`` does not divide, and a floating-point tensor of the module
-            on another device than the model's.
+            setup: a world size that ``ranks_per_worker`` does not divide, a floating-point tensor of the module
+            on another device than the model's, and with ``worker_pull="reset"`` a β at or beyond the outer step's
+            stability bound. At the start of ``fit``: ``sync_epochs`` where the steps per epoch are unknown.
         TypeError: for any other unknown keyword argument.
     """
 
