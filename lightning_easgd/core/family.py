@@ -17,9 +17,9 @@ Stability of the reset rule (docs/family.md derives it). When the workers' local
 x̃ + c·(x* − x̃) in one period (c ∈ (0, 1]; c = 1 when they reach the minimum x*), the outer step sees
 s = −β·c·e with e = x̃ − x*: the center's iteration of :mod:`~lightning_easgd.core.center_momentum` with βc in
 place of β. It is stable for every such c iff β is below the same bound, 2·(1 + μ) (heavy ball; 2 at μ = 0) and
-2·(1 + μ)/(1 + 2μ) (Nesterov). The bound is necessary, not sufficient: with short periods the outer momentum
-multiplies the local learning rate by about β/(1 − μ) (SlowMo's effective rate), which the local optimizer must
-tolerate too.
+2·(1 + μ)/(1 + 2μ) (Nesterov). The bound is that worst case, not a guarantee: with short periods the outer
+momentum multiplies the local learning rate by about β/(1 − μ) (SlowMo's effective rate), which the local optimizer
+must tolerate too.
 """
 
 from __future__ import annotations
