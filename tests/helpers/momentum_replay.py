@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from helpers.replay import rank_batches, replicas
-from helpers.toy import ToyRegressor
+from helpers.toy import Shards, ToyRegressor
 
 
 @dataclass
@@ -56,11 +56,14 @@ def replay_center_momentum(
     reset: bool = False,
     sync_steps: int = 0,
     ranks_per_worker: int = 1,
+    union_batches: bool = True,
 ) -> MomentumReplay:
     """Run p workers for ``epochs`` epochs; step t starts with an exchange when ``due(t)``, and steps t <
     ``sync_steps`` average gradients instead. With ``ranks_per_worker`` = k, worker g's batch is the union of the
     DistributedSampler shards of ranks g·k ... g·k + k − 1 (the gradient DDP computes inside a worker, for a mean loss
-    over equal batches)."""
+    over equal batches); with ``union_batches=False`` the ranks' batches stay apart (:class:`Shards`: each rank's
+    forward from the worker's first rank's buffers, the worker keeping its first rank's, as under DDP), for
+    BatchNorm."""
     workers, states, floats, center = replicas(module, p)
     velocity = {k: torch.zeros_like(v) for k, v in center.items()}
     result = MomentumReplay(center=center, velocity=velocity, workers=[])
@@ -68,8 +71,8 @@ def replay_center_momentum(
     t = 0
     for epoch in range(epochs):
         shards = [rank_batches(dataset, p * k_, r, epoch, batch_size, seed) for r in range(p * k_)]
-        per_rank = [[[torch.cat(parts) for parts in zip(*batches)] for batches in zip(*shards[g * k_ : (g + 1) * k_])]
-                    for g in range(p)]
+        per_rank = [[[torch.cat(parts) for parts in zip(*batches)] if union_batches else Shards(batches)
+                     for batches in zip(*shards[g * k_ : (g + 1) * k_])] for g in range(p)]
         for i in range(len(per_rank[0])):
             if t < sync_steps:
                 assert not due(t), f"step {t} of the synchronous start cannot exchange"
@@ -118,7 +121,7 @@ def _synchronous_step(workers: list[ToyRegressor], batches: list[Any]) -> None:
     for w, batch in zip(workers, batches):
         (optimizer,) = w._replay_optimizers
         optimizer.zero_grad()
-        w.loss(batch).backward()
+        w.replay_backward(batch, 1)
     with torch.no_grad():
         for tensors in zip(*[[p.grad for p in w.parameters()] for w in workers]):
             mean = sum(tensors) / len(workers)

@@ -191,6 +191,30 @@ def test_an_all_synchronous_run_is_lightnings_ddp(tmp_path: Path, cls: type[ToyR
         assert (free[0]["center"]["net.0.weight"] - ddp["net.0.weight"]).abs().max() > 1e-4
 
 
+def test_sync_start_with_worker_groups_and_batchnorm_matches_replay(tmp_path: Path) -> None:
+    """BatchNorm in 2 workers of 2 ranks: each rank's forward updates its own running statistics from the worker's
+    first rank's (DDP's broadcast); the synchronous step gives the worker its first rank's again before averaging
+    across workers. Against the replay that keeps the ranks' batches apart, every rank and the center, and at the
+    hand-over all four ranks hold one model and the center is it."""
+    module, init = twins(ToyRegressor, 10, lr=0.1, batchnorm=True)
+    dataset = make_dataset(48)
+    _, records = fit_fork(module, dataset, tmp_path, p=4, epochs=1, batch_size=2, callbacks=[HandOver(tmp_path, 3)],
+                          strategy=EASGDStrategy(tau=2, sync_steps=4, ranks_per_worker=2, start_method="fork"))
+    due = lambda t: t > 4 and (t - 4) % 2 == 0
+    expected = replay_center_momentum(init, dataset, p=2, alpha=0.45, momentum=0.0, nesterov=False, due=due,
+                                      epochs=1, batch_size=2, seed=SEED, sync_steps=4, ranks_per_worker=2,
+                                      union_batches=False)
+    assert_matches_replay(records, expected, ATOL, k=2)
+    first = torch.load(tmp_path / "handover0.pt", weights_only=False)
+    assert first["local"]["net.1.running_mean"].abs().max() > 0  # the statistics moved
+    floats = {k: v for k, v in first["local"].items() if v.is_floating_point()}
+    for rank in range(4):
+        handover = torch.load(tmp_path / f"handover{rank}.pt", weights_only=False)
+        assert_close(handover["local"], first["local"], 0.0, f"rank {rank} at the hand-over")
+        assert_close(handover["center"], floats, 0.0, f"rank {rank} center at the hand-over")
+    assert not torch.equal(records[0]["local"]["net.0.weight"], records[2]["local"]["net.0.weight"])
+
+
 def numel_with(batchnorm: bool) -> int:
     """The toy model's floating-point elements (BatchNorm1d(8) adds weight, bias, running mean and variance)."""
     return NUMEL + (4 * 8 if batchnorm else 0)
