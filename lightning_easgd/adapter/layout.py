@@ -26,6 +26,7 @@ from lightning_easgd.adapter.options import ExchangeOptions, refuse_unused_worke
 from lightning_easgd.core import ElasticAverager, resolve_alpha
 from lightning_easgd.core.buckets import check_device
 from lightning_easgd.core.center_momentum import check_center_momentum
+from lightning_easgd.core.family import WorkerPull, check_reset_beta
 from lightning_easgd.core.topology import WorkerTopology, worker_topology
 from lightning_easgd.core.worker import ElasticWorker, NonFinitePolicy
 
@@ -74,6 +75,8 @@ class WorkerLayout:
         self.bucket_cap_mb = options.bucket_cap_mb
         self.save_worker_states = options.save_worker_states
         self.on_nonfinite: NonFinitePolicy = options.on_nonfinite
+        self.worker_pull: WorkerPull = options.worker_pull
+        self.sync_steps, self.sync_epochs = options.sync_steps, options.sync_epochs
         self._topology = None
         self._followers = ()
         self._state_keys = {}
@@ -154,8 +157,17 @@ class WorkerLayout:
                 "EASGD: TORCH_NCCL_ASYNC_ERROR_HANDLING=0 disables NCCL's handling of collective timeouts: a dead or "
                 "stalled peer then hangs the exchange instead of ending the run after `timeout`; unset it."
             )
+        if options.worker_pull == "reset" and options.alpha is None and options.beta >= p:
+            raise ValueError(
+                f"worker_pull='reset' with beta={options.beta:g} and {p} worker(s) gives alpha = beta/p = "
+                f"{options.beta / p:g}, outside the moving rate's range (0, 1): a single worker has no one to average "
+                "with; train with at least 2 workers, or pass beta < 1"
+            )
         alpha, warning = resolve_alpha(options.alpha, options.beta, p)
-        if options.center_momentum:  # momentum moves the overshoot threshold (and the divergence bound)
+        if options.worker_pull == "reset":  # beta is the outer learning rate: its own bound, no overshoot warning
+            check_reset_beta(p * alpha, options.center_momentum, options.center_nesterov)
+            warning = None
+        elif options.center_momentum:  # momentum moves the overshoot threshold (and the divergence bound)
             warning = check_center_momentum(p * alpha, options.center_momentum, options.center_nesterov)
         if warning:
             rank_zero_warn(warning)
@@ -181,7 +193,8 @@ class WorkerLayout:
                                worker_group=topology.worker_group, center_device=options.center_device,
                                exchange_dtype=options.exchange_dtype, center_momentum=options.center_momentum,
                                center_nesterov=options.center_nesterov, warmup_steps=options.warmup_steps,
-                               warmup_tau=options.warmup_tau,
+                               warmup_tau=options.warmup_tau, worker_pull=options.worker_pull,
+                               sync_steps=options.sync_steps,
                                follow_first_rank=self._followers if topology.worker_group is not None else ())
 
     def _apply_resets(self, optimizers: Iterable[Optimizer]) -> None:

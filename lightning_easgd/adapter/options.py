@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_easgd.core.averager import validate_center_device, validate_exchange_dtype
 from lightning_easgd.core.center_momentum import validate_center_momentum, validate_center_nesterov
+from lightning_easgd.core.family import WorkerPull, validate_sync_start, validate_worker_pull
 from lightning_easgd.core.hyperparams import validate_alpha, validate_beta
 from lightning_easgd.core.schedule import ExchangeSchedule
 from lightning_easgd.core.topology import validate_ranks_per_worker
@@ -51,6 +52,7 @@ class ExchangeOptions:
 
     ``alpha`` stays None when not given: it is resolved from β and the number of workers at setup. ``bucket_cap_mb``
     None is resolved by the core per device. ``ranks_per_worker`` may be ``"node"``, resolved at setup.
+    ``sync_epochs`` is turned into steps by the Trainer strategy once an epoch's length is known.
     """
 
     tau: int
@@ -68,6 +70,9 @@ class ExchangeOptions:
     save_worker_states: bool
     on_nonfinite: NonFinitePolicy
     timeout: timedelta | None
+    worker_pull: WorkerPull = "elastic"
+    sync_steps: int = 0
+    sync_epochs: int = 0
 
     @classmethod
     def validated(
@@ -91,6 +96,9 @@ class ExchangeOptions:
         timeout: object,
         start_method: object,
         unsupported: Unsupported | None = None,
+        worker_pull: object = "elastic",
+        sync_steps: object = 0,
+        sync_epochs: object = 0,
     ) -> ExchangeOptions:
         """Check the options (``start_method`` too, which the launcher uses) and return them normalised.
 
@@ -106,6 +114,8 @@ class ExchangeOptions:
         schedule = ExchangeSchedule(tau, warmup_steps, warmup_tau)  # type: ignore[arg-type]  # validates all three
         momentum = validate_center_momentum(center_momentum)
         nesterov = validate_center_nesterov(center_nesterov)
+        pull = validate_worker_pull(worker_pull)
+        sync_steps_, sync_epochs_ = validate_sync_start(sync_steps, sync_epochs, schedule.warmup_steps)
         alpha_ = None if alpha is None else validate_alpha(alpha)
         beta_ = validate_beta(beta)
         if overlap is not None and not isinstance(overlap, bool):
@@ -146,6 +156,7 @@ class ExchangeOptions:
             ranks_per_worker=ranks, center_device=device, exchange_dtype=dtype,
             save_worker_states=save_worker_states, on_nonfinite=on_nonfinite,  # type: ignore[arg-type]
             timeout=timeout,  # type: ignore[arg-type]
+            worker_pull=pull, sync_steps=sync_steps_, sync_epochs=sync_epochs_,
         )
 
 

@@ -36,6 +36,8 @@ from lightning_easgd.core.buckets import ShardLayout, broadcast_tensors, master_
 from lightning_easgd.core.center_momentum import make_center_momentum
 from lightning_easgd.core.pinned import pinned_empty
 from lightning_easgd.core.staging import copy_to_host
+from lightning_easgd.core.family import GradientAverage, WorkerPull, subtract_center_step, validate_worker_pull
+from lightning_easgd.core.schedule import ExchangeSchedule
 from lightning_easgd.core.worker import (
     ElasticWorker,
     ExchangeError,
@@ -131,6 +133,12 @@ class ElasticAverager(ElasticWorker):
             (:class:`~lightning_easgd.core.center_momentum.CenterMomentum`); μ = 0 is the paper's rule.
         warmup_steps, warmup_tau: exchange every ``warmup_tau`` steps during the first ``warmup_steps`` steps
             (:class:`~lightning_easgd.core.schedule.ExchangeSchedule`).
+        worker_pull: ``"elastic"`` (the paper's pull x_i −= α·d_i) or ``"reset"``: after the center's step every
+            worker lands on the new center plus its own update of this step, x_i ← x_i − d_i + (x̃_new − x̃_old)
+            (local SGD, SlowMo, DiLoCo; :mod:`~lightning_easgd.core.family`).
+        sync_steps: optimizer steps t < ``sync_steps`` average the gradients over all workers (the caller calls
+            :meth:`average_gradients` between backward and the optimizer's update) and the center follows the
+            identical workers; exchanges then fall on t > N with (t − N) % τ == 0.
 
     Memory on each rank besides the model, with k ranks per worker: the center slice, the d_i slice and (with more
     than one worker) the reduction slice, ⌈n/k⌉ elements each per bucket of n (float32 for 16-bit tensors), plus
@@ -157,7 +165,10 @@ class ElasticAverager(ElasticWorker):
         center_nesterov: bool = False,
         warmup_steps: int = 0,
         warmup_tau: int = 1,
+        worker_pull: WorkerPull = "elastic",
+        sync_steps: int = 0,
     ) -> None:
+        self.worker_pull = validate_worker_pull(worker_pull)
         self._host = validate_center_device(center_device)
         if overlap is None:
             overlap = self._host is None
@@ -181,7 +192,8 @@ class ElasticAverager(ElasticWorker):
         self._nccl = distributed and dist.get_backend(group) == "nccl"
         self._follow_names = tuple(follow_first_rank)
         super().__init__(named_tensors, tau=tau, alpha=alpha, bucket_cap_mb=bucket_cap_mb, overlap=overlap,
-                         on_nonfinite=on_nonfinite, timeout=timeout, warmup_steps=warmup_steps, warmup_tau=warmup_tau)
+                         on_nonfinite=on_nonfinite, timeout=timeout, warmup_steps=warmup_steps, warmup_tau=warmup_tau,
+                         sync_steps=sync_steps)
         # The velocity has the center's shape: with worker groups, this rank's slice of it.
         self.center_momentum = make_center_momentum(self._center, center_momentum, center_nesterov)
         unknown = set(self._follow_names) - set(self.names)
@@ -190,6 +202,11 @@ class ElasticAverager(ElasticWorker):
         self._follow = [t for name, t in zip(self.names, self.tensors) if name in self._follow_names]
         self._stats_host: Tensor | None = None
         self._pending: _PendingExchange | None = None
+        self._average = GradientAverage(
+            [t for t in self.tensors if not isinstance(t, torch.nn.Parameter)], self.group, self.world_size,
+            self._wait_for, self.ranks_per_worker, self.rank_in_worker,
+            lambda output, part: _all_gather(output, part, self.worker_group))
+        self._sync: bool | None = None  # in a synchronous step: whether its gradients were averaged; else None
 
     def _init_center(self) -> None:
         devices = {b.device for b in self.layout.buckets}
@@ -233,6 +250,28 @@ class ElasticAverager(ElasticWorker):
         return self._shard.nbytes(self._wires)
 
     @property
+    def bytes_per_sync_step(self) -> int:
+        """Bytes each rank sends into the workers' all-reduce of one step of the synchronous start: the gradients of
+        the parameters and the floating-point buffers (1/k of them with k ranks per worker, padded to k slices)."""
+        return self._average.nbytes([t for t in self.tensors if isinstance(t, torch.nn.Parameter)])
+
+    def bytes_sent(self, clock: int | None = None) -> tuple[int, int]:
+        """Bytes this rank sent in steps 0 to ``clock`` − 1 (default: the steps taken so far), as ``(synchronous
+        start, exchanges)``; a function of the clock, so a resumed run counts what an uninterrupted one would."""
+        clock = self.clock if clock is None else clock
+        synchronous = min(clock, self.schedule.sync_steps) * self.bytes_per_sync_step
+        exchanges = self.schedule.exchange_index(clock - 1) * self.bytes_per_exchange if clock > 0 else 0
+        return synchronous, exchanges
+
+    def set_sync_steps(self, sync_steps: int) -> None:
+        """Set the synchronous start's length once it is known (``sync_epochs`` × the steps of an epoch), before
+        training; the schedule stays a function of the clock."""
+        if self._pending is not None or self._sync is not None:
+            raise RuntimeError("the synchronous start cannot change during an optimizer step")
+        schedule = self.schedule
+        self.schedule = ExchangeSchedule(schedule.tau, schedule.warmup_steps, schedule.warmup_tau, sync_steps)
+
+    @property
     def buffer_bytes(self) -> int:
         """Memory the exchange holds besides the model, wherever it lives (see also :attr:`device_buffer_bytes`)."""
         return self._slice_bytes() + self._scratch_bytes()
@@ -266,11 +305,37 @@ class ElasticAverager(ElasticWorker):
             yield
         except BaseException:
             self._pending = None
+            self._sync = None
             raise
         self._end()
 
+    @property
+    def synchronous(self) -> bool:
+        """Whether the next optimizer step belongs to the synchronous start (its gradients must be averaged)."""
+        return self.schedule.synchronous(self.clock)
+
+    def average_gradients(self, parameters: Sequence[Tensor]) -> None:
+        """In a step of the synchronous start, between backward and the optimizer's update: average the gradients
+        of ``parameters`` (the stepping optimizer's) and the floating-point buffers over all workers. A second call
+        in the same step (e.g. clipping, then the update) does nothing; outside the synchronous start it raises."""
+        if self._sync is None:
+            raise RuntimeError(
+                f"average_gradients() was called outside a step of the synchronous start (step {self.clock}, "
+                f"sync_steps={self.schedule.sync_steps}); call it inside `with averager.step():` while "
+                "`averager.synchronous` is True"
+            )
+        if not self._sync:
+            self._sync_followers()
+            self._average(parameters)
+            self._sync = True
+
     def _begin(self) -> None:
         self._check_can_step()
+        if self._sync is not None:
+            raise RuntimeError(f"{type(self).__name__}.step() was entered again before the previous step finished")
+        if self.synchronous:
+            self._sync = False
+            return
         if not self.exchange_due:
             return
         with torch.no_grad():
@@ -332,7 +397,16 @@ class ElasticAverager(ElasticWorker):
             ) from error
 
     def _end(self) -> None:
-        if self._pending is not None:
+        if self._sync is not None:
+            averaged, self._sync = self._sync, None
+            if not averaged:
+                raise RuntimeError(
+                    f"optimizer step {self.clock} belongs to the synchronous start (sync_steps="
+                    f"{self.schedule.sync_steps}) but ended without average_gradients(): the workers would drift apart"
+                )
+            with torch.no_grad():
+                self._capture(self._center)  # the workers are identical: the center follows them
+        elif self._pending is not None:
             self._wait()
             stats = self._pending.stats
             with torch.no_grad():
@@ -371,6 +445,9 @@ class ElasticAverager(ElasticWorker):
                         center.add_(total, alpha=self.alpha)
                 if self.rank in flagged:
                     self._expand(self._center, torch._foreach_copy_)
+                elif self.worker_pull == "reset":  # x_i ← x_i' − (d_i − (x̃_new − x̃_old))
+                    subtract_center_step(self._diff, self._sum, self.alpha, self.center_momentum)
+                    self._expand(self._diff, torch._foreach_sub_)
                 else:
                     alpha = self.alpha
                     self._expand(self._diff, lambda xs, ds: torch._foreach_add_(xs, ds, alpha=-alpha))

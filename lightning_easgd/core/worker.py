@@ -77,6 +77,7 @@ class ElasticWorker:
         timeout: how long to wait for the exchange's communication before raising.
         warmup_steps, warmup_tau: exchange every ``warmup_tau`` steps during the first ``warmup_steps`` steps
             (:class:`~lightning_easgd.core.schedule.ExchangeSchedule`).
+        sync_steps: the length of a synchronous start, in optimizer steps (0: none); the schedule's.
     """
 
     def __init__(
@@ -91,6 +92,7 @@ class ElasticWorker:
         timeout: timedelta | None,
         warmup_steps: int = 0,
         warmup_tau: int = 1,
+        sync_steps: int = 0,
     ) -> None:
         if not named_tensors:
             raise ValueError("named_tensors is empty: EASGD needs at least one tensor to average")
@@ -101,7 +103,7 @@ class ElasticWorker:
             if not t.is_floating_point():
                 raise ValueError(f"tensor {name!r} has dtype {t.dtype}: only floating-point tensors can be averaged")
         self.tensors: list[Tensor] = [t for _, t in named_tensors]
-        self.schedule = ExchangeSchedule(tau, warmup_steps, warmup_tau)
+        self.schedule = ExchangeSchedule(tau, warmup_steps, warmup_tau, sync_steps)
         """Which optimizer steps start with an exchange: a function of :attr:`clock` alone."""
         self.tau = self.schedule.tau
         self.alpha = validate_alpha(alpha)

@@ -44,6 +44,7 @@ from lightning_easgd.checkpoint.routines import WorkerCheckpointing, hyperparame
 from lightning_easgd.checkpoint.section import CHECKPOINT_KEY, check_section
 from lightning_easgd.checkpoint.worker_files import CHECKPOINT_FORMAT
 from lightning_easgd.core import DEFAULT_BETA, ElasticAverager
+from lightning_easgd.core.family import WorkerPull
 from lightning_easgd.core.worker import NonFinitePolicy
 
 
@@ -92,6 +93,12 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
         center_device, exchange_dtype, center_momentum, center_nesterov, warmup_steps, warmup_tau: as for
             :class:`~lightning_easgd.EASGDStrategy` (a host-resident center, a bfloat16 exchange, momentum on the
             center, whose velocity travels in ``fabric.save`` checkpoints, and a warm-up exchange schedule).
+        worker_pull, sync_steps: as for :class:`~lightning_easgd.EASGDStrategy` (the reset rule of local SGD, SlowMo
+            and DiLoCo; a synchronous start). In the synchronous start the gradients are averaged over the workers at
+            ``fabric.clip_gradients`` if the step clips (so clipping sees DDP's averaged gradients), else at
+            ``optimizer.step()`` (inside the closure when one is passed).
+        sync_epochs: refused unless 0: Fabric never sees the loop's length, so pass
+            ``sync_steps = epochs × optimizer steps per epoch`` instead.
         timeout: how long collectives, the exchange included, may wait for a peer before failing with an error.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision, process_group_backend,
         start_method: as for :class:`~lightning.fabric.strategies.DDPStrategy`; ``checkpoint_io`` defaults to
@@ -125,6 +132,9 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
         center_nesterov: bool = False,
         warmup_steps: int = 0,
         warmup_tau: int = 1,
+        worker_pull: WorkerPull = "elastic",
+        sync_steps: int = 0,
+        sync_epochs: int = 0,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -142,8 +152,14 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
             save_worker_states=save_worker_states, on_nonfinite=on_nonfinite, ranks_per_worker=ranks_per_worker,
             center_device=center_device, exchange_dtype=exchange_dtype, center_momentum=center_momentum,
             center_nesterov=center_nesterov, warmup_steps=warmup_steps, warmup_tau=warmup_tau, timeout=timeout,
-            start_method=start_method,
+            start_method=start_method, worker_pull=worker_pull, sync_steps=sync_steps, sync_epochs=sync_epochs,
         )
+        if options.sync_epochs:
+            raise ValueError(
+                f"{owner} does not accept sync_epochs={options.sync_epochs}: Fabric never sees the training loop's "
+                "length, so the epochs cannot be turned into optimizer steps; pass sync_steps = epochs x optimizer "
+                "steps per epoch instead"
+            )
         self._keep_options(options)
         super().__init__(
             accelerator=accelerator,
@@ -234,11 +250,54 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
         step = self._open_step()
         try:
             with step:
+                assert self._averager is not None
+                if self._averager.synchronous:
+                    kwargs = self._average_gradients(optimizer, kwargs)
                 output = super().optimizer_step(optimizer, **kwargs)
         finally:
             self._step, self._exchange_in_flight = None, False
         self._apply_resets(self._optimizers)
         return output
+
+    def _average_gradients(self, optimizer: Optimizable, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The synchronous start's gradient average for ``optimizer``'s parameters: now, or after the closure that
+        ``optimizer.step(closure)`` computes the gradients in. Returns the step's keyword arguments."""
+        averager = self._require_averager("optimizer.step()")
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        closure = kwargs.get("closure")
+        if closure is None:
+            averager.average_gradients(parameters)
+            return kwargs
+
+        def averaged() -> Any:
+            output = closure()
+            averager.average_gradients(parameters)
+            return output
+
+        return {**kwargs, "closure": averaged}
+
+    def _average_before_clipping(self, optimizer: Optimizer) -> None:
+        """In the synchronous start, clip DDP's averaged gradients rather than this worker's own."""
+        if self._averager is not None and self._averager.synchronous:
+            self._open_step()
+            self._average_gradients(optimizer, {})
+
+    @override
+    def clip_gradients_norm(
+        self,
+        module: Module,
+        optimizer: Optimizer,
+        max_norm: float,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = True,
+    ) -> torch.Tensor:
+        self._average_before_clipping(optimizer)
+        return super().clip_gradients_norm(module, optimizer, max_norm, norm_type, error_if_nonfinite)
+
+    @override
+    def clip_gradients_value(self, module: Module, optimizer: Optimizer, clip_val: float) -> None:
+        self._average_before_clipping(optimizer)
+        super().clip_gradients_value(module, optimizer, clip_val)
 
     # ------------------------------------------------------------------ the center
 

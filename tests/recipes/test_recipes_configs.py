@@ -195,6 +195,9 @@ def test_every_option_of_the_training_side_groups_instantiates(
         "eamsgd_async": AsyncEASGDStrategy,
         "ddp": DDPStrategy,
         "msgd": SingleDeviceStrategy,
+        "local_sgd": EASGDStrategy,
+        "slowmo": EASGDStrategy,
+        "diloco": EASGDStrategy,
     }
     for option in group_options(group):
         cfg = compose_cfg("cifar10", [f"{group}={option}", *cifar])
@@ -213,6 +216,30 @@ def test_every_option_of_the_training_side_groups_instantiates(
         else:
             objects = [instantiate(node) for node in cfg[group].values()]
             assert objects, f"{group}={option} is empty"
+
+
+@pytest.mark.parametrize(
+    ("preset", "beta", "momentum", "nesterov"),
+    [("local_sgd", 1.0, 0.0, False), ("slowmo", 1.0, 0.2, False), ("diloco", 0.7, 0.9, True)],
+)
+def test_family_presets_compose(compose_cfg: Compose, preset: str, beta: float, momentum: float,
+                                nesterov: bool) -> None:
+    """strategy=local_sgd | slowmo | diloco: the reset rule with the published outer step, tau = 16; a synchronous
+    start composes on top of any of them."""
+    cfg = compose_cfg("cifar10", [f"strategy={preset}", "strategy.sync_steps=196"])
+    strategy = instantiate(cfg.strategy)
+    assert type(strategy) is EASGDStrategy
+    assert (strategy.worker_pull, strategy.tau, strategy.beta) == ("reset", 16, beta)
+    assert (strategy.center_momentum, strategy.center_nesterov) == (momentum, nesterov)
+    assert (strategy.sync_steps, strategy.sync_epochs, strategy.warmup_steps) == (196, 0, 0)
+    # The elastic presets keep the paper's pull.
+    assert instantiate(compose_cfg("cifar10", ["strategy=eamsgd"]).strategy).worker_pull == "elastic"
+
+
+def test_family_preset_refuses_a_bad_pull_readably(compose_cfg: Compose) -> None:
+    cfg = compose_cfg("cifar10", ["strategy=local_sgd", "strategy.worker_pull=average"])
+    with pytest.raises(InstantiationException, match=r"worker_pull='average' is invalid"):
+        instantiate(cfg.strategy)
 
 
 def test_eamsgd_local_optimizer_is_nesterov_099(compose_cfg: Compose) -> None:
