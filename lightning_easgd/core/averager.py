@@ -34,10 +34,10 @@ from torch import Tensor
 
 from lightning_easgd.core.buckets import ShardLayout, broadcast_tensors, master_dtype
 from lightning_easgd.core.center_momentum import make_center_momentum
-from lightning_easgd.core.pinned import pinned_empty
-from lightning_easgd.core.staging import copy_to_host
 from lightning_easgd.core.family import GradientAverage, WorkerPull, subtract_center_step, validate_worker_pull
+from lightning_easgd.core.pinned import pinned_empty
 from lightning_easgd.core.schedule import ExchangeSchedule
+from lightning_easgd.core.staging import copy_to_host
 from lightning_easgd.core.worker import (
     ElasticWorker,
     ExchangeError,
