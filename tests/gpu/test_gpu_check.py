@@ -76,15 +76,25 @@ def test_fake_world_sees_the_bfloat16_rounding(monkeypatch: pytest.MonkeyPatch) 
     assert result.status == FAIL and result.detail.startswith("bf16_exchange: weights differ from the replay")
 
 
-def test_shared_device_trainer_and_fabric_checks_run_tiny() -> None:
-    shared = gpu_check.run_check("b_shared_gpu_gloo", CPU, "tiny")
+def _run_fresh(name: str, tmp_path: Path) -> Result:
+    """One check in a fresh interpreter, as the device check runs it. These checks fork their workers, and forking
+    this pytest process after earlier tests ran multi-threaded kernels (the fake world's larger models) leaves the
+    children a thread pool they cannot use: they hang or crash inside torch ops."""
+    out = tmp_path / f"{name}.json"
+    proc = _cli("--one", name, "--device", "cpu", "--size", "tiny", "--result", str(out))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return Result(**json.loads(out.read_text()))
+
+
+def test_shared_device_trainer_and_fabric_checks_run_tiny(tmp_path: Path) -> None:
+    shared = _run_fresh("b_shared_gpu_gloo", tmp_path)
     assert shared.status == PASS, shared.detail
     for mode in ("sync", "async", "groups"):
         assert shared.metrics[f"{mode}_max_diff_vs_cpu"] == 0.0 and shared.metrics[f"{mode}_center_spread"] == 0.0
-    trainer = gpu_check.run_check("c_trainer_precisions", CPU, "tiny")
+    trainer = _run_fresh("c_trainer_precisions", tmp_path)
     assert trainer.status == PASS, trainer.detail
     assert set(trainer.metrics) == {f"{p}_resume_max_diff" for p in device_checks.TINY.c_precisions}
-    fabric = gpu_check.run_check("f_fabric_bf16_resume", CPU, "tiny")
+    fabric = _run_fresh("f_fabric_bf16_resume", tmp_path)
     assert fabric.status == PASS, fabric.detail
     assert fabric.metrics["worker_spread"] > 0
 
