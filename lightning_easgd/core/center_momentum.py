@@ -141,7 +141,6 @@ class CenterMomentum:
 
 def make_center_momentum(center: Sequence[Tensor], momentum: float, nesterov: bool) -> CenterMomentum | None:
     """A :class:`CenterMomentum` for ``center``, or None for μ = 0, which keeps the paper's update untouched (not
-    a momentum update with μ = 0, whose rounding differs); both arguments are validated either way."""
-    momentum = validate_center_momentum(momentum)
-    nesterov = validate_center_nesterov(nesterov)
+    a momentum update with μ = 0, whose rounding differs). The arguments come from a validated
+    :class:`~lightning_easgd.core.config.ExchangeConfig`."""
     return CenterMomentum(center, momentum, nesterov) if momentum > 0.0 else None

@@ -40,7 +40,6 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_easgd.adapter.layout import WorkerLayout
-from lightning_easgd.adapter.options import ExchangeOptions, worker_ddp_options
 from lightning_easgd.checkpoint.atomic_io import AtomicCheckpointIO
 from lightning_easgd.checkpoint.rng import restore_rng_state
 from lightning_easgd.checkpoint.worker_files import (
@@ -114,7 +113,8 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
 
     Raises:
         ValueError: for an invalid option (same checks and messages as :class:`~lightning_easgd.EASGDStrategy`:
-            :meth:`~lightning_easgd.adapter.options.ExchangeOptions.validated`), and options of DistributedDataParallel
+            :class:`~lightning_easgd.core.config.ExchangeConfig` and
+            :class:`~lightning_easgd.adapter.options.AdapterOptions`), and options of DistributedDataParallel
             other than those the DDP inside a worker group takes. At setup: a world size that ``ranks_per_worker``
             does not divide.
         TypeError: for any other unknown keyword argument.
@@ -138,6 +138,7 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
         center_nesterov: bool = False,
         warmup_steps: int = 0,
         warmup_tau: int = 1,
+        per_tensor_distances: bool = False,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -148,16 +149,7 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **kwargs: Any,
     ) -> None:
-        owner = type(self).__name__
-        self._worker_ddp_kwargs = worker_ddp_options(kwargs, owner, grouped=ranks_per_worker != 1)
-        options = ExchangeOptions.validated(
-            owner=owner, tau=tau, alpha=alpha, beta=beta, overlap=overlap, bucket_cap_mb=bucket_cap_mb,
-            save_worker_states=save_worker_states, on_nonfinite=on_nonfinite, ranks_per_worker=ranks_per_worker,
-            center_device=center_device, exchange_dtype=exchange_dtype, center_momentum=center_momentum,
-            center_nesterov=center_nesterov, warmup_steps=warmup_steps, warmup_tau=warmup_tau, timeout=timeout,
-            start_method=start_method,
-        )
-        self._keep_options(options)
+        self._keep_options(locals())  # validated once: ExchangeConfig (core) and AdapterOptions (adapter)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -165,7 +157,7 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
             checkpoint_io=AtomicCheckpointIO() if checkpoint_io is None else checkpoint_io,
             precision=precision,
             process_group_backend=process_group_backend,
-            timeout=options.timeout,
+            timeout=timeout,
             start_method=start_method,
         )
         self._backward_sync_control = _WorkerGradientSync()
@@ -207,6 +199,11 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
         else:
             self._wrapped = module
         return self._wrapped
+
+    @override
+    def teardown(self) -> None:
+        super().teardown()
+        self._release_groups()
 
     @override
     def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
@@ -399,7 +396,7 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
             )
             return
         saved_p, saved_k = int(section["num_workers"]), int(section["ranks_per_worker"])
-        p, k = self.num_workers, self._resolve_ranks_per_worker()
+        p, k = self.num_workers, self.topology.ranks_per_worker
         if saved_p != p:
             rank_zero_warn(describe_resize(saved_p, p, self._averager.alpha))
         if k > saved_k:

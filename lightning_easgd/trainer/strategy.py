@@ -39,7 +39,6 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_easgd.adapter.layout import WorkerLayout
-from lightning_easgd.adapter.options import ExchangeOptions, Unsupported, worker_ddp_options
 from lightning_easgd.checkpoint.atomic_io import AtomicCheckpointIO
 from lightning_easgd.checkpoint.worker_files import WorkerCheckpoints
 from lightning_easgd.core import DEFAULT_BETA
@@ -114,6 +113,10 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
             every ``tau`` steps afterwards (on the multiples of tau, as without a warm-up). 0 (default): no warm-up.
             The schedule depends only on the clock, so resuming keeps it exact.
         warmup_tau: the communication period during the warm-up, in [1, tau].
+        per_tensor_distances: the exchange also measures every tensor's distance to the center, for
+            ``ElasticDistanceMonitor(per_layer=True)``. It enlarges the exchange's all-reduce, so it is a setting of
+            the strategy, the same on every rank (a per-rank switch would make the ranks' all-reduces differ in
+            size, which hangs NCCL). Default False.
         timeout: how long collectives, the exchange included, may wait for a peer before failing with an error
             (a dead or stalled worker then stops the run instead of hanging it). Default: 30 minutes. With gloo the
             exchange raises :class:`~lightning_easgd.core.ExchangeError` after it; with NCCL it is the process
@@ -154,6 +157,7 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
         center_nesterov: bool = False,
         warmup_steps: int = 0,
         warmup_tau: int = 1,
+        per_tensor_distances: bool = False,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -164,22 +168,7 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **kwargs: Any,
     ) -> None:
-        owner = type(self).__name__
-        self._worker_ddp_kwargs = worker_ddp_options(kwargs, owner, grouped=ranks_per_worker != 1)
-        options = ExchangeOptions.validated(
-            owner=owner, tau=tau, alpha=alpha, beta=beta, overlap=overlap, bucket_cap_mb=bucket_cap_mb,
-            save_worker_states=save_worker_states, on_nonfinite=on_nonfinite, ranks_per_worker=ranks_per_worker,
-            center_device=center_device, exchange_dtype=exchange_dtype, center_momentum=center_momentum,
-            center_nesterov=center_nesterov, warmup_steps=warmup_steps, warmup_tau=warmup_tau, timeout=timeout,
-            start_method=start_method,
-            # A subclass that builds another exchange (AsyncEASGDStrategy) would otherwise ignore these.
-            unsupported=None if type(self)._create_averager is EASGDStrategy._create_averager else Unsupported(
-                {"ranks_per_worker": 1, "center_device": None, "exchange_dtype": None},
-                "worker groups, a host-resident center and the exchange dtype belong to the synchronous averager of "
-                "EASGDStrategy",
-            ),
-        )
-        self._keep_options(options)
+        self._keep_options(locals())  # validated once: ExchangeConfig (core) and AdapterOptions (adapter)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -276,9 +265,9 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
         assert module is not None
         self._averager = self._start_exchange(module, "EASGDStrategy", self._create_averager)
 
-    def _create_averager(self, elastic: list[tuple[str, Tensor]], alpha: float) -> ElasticWorker:
+    def _create_averager(self, elastic: list[tuple[str, Tensor]]) -> ElasticWorker:
         """Build the exchange over ``elastic`` (all ranks hold equal values here); subclasses swap the algorithm."""
-        return self._elastic_averager(elastic, alpha)
+        return self._elastic_averager(elastic)
 
     @override
     def teardown(self) -> None:
@@ -301,6 +290,7 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
             # Unwrap here: DDPStrategy.teardown would suggest static_graph=True, a DDP option this strategy refuses.
             self.model = self.lightning_module
         super().teardown()
+        self._release_groups()
 
     @override
     def on_exception(self, exception: BaseException) -> None:

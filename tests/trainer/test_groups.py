@@ -110,7 +110,7 @@ def test_groups_distance_monitor_is_per_worker(tmp_path: Path) -> None:
     logger = CSVLogger(tmp_path, name="logs", version=0)
     fit_fork(module, dataset, tmp_path, p=4, epochs=1, batch_size=2, logger=logger,
              callbacks=[ElasticDistanceMonitor(per_layer=True, per_rank=True)],
-             strategy=EASGDStrategy(tau=2, ranks_per_worker=2, start_method="fork"))
+             strategy=EASGDStrategy(tau=2, ranks_per_worker=2, per_tensor_distances=True, start_method="fork"))
     expected = replay_easgd(init, dataset, p=2, tau=2, alpha=0.45, epochs=1, batch_size=2, seed=SEED,
                             ranks_per_worker=2)
     rows: dict[int, dict[str, float]] = {}
