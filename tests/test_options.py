@@ -35,7 +35,7 @@ NOT_IN_YAML = [{"timeout": 30}, {"timeout": timedelta(0)}]
 
 
 def _message(build: Callable[[], object]) -> str:
-    with pytest.raises(ValueError) as error:  # noqa: PT011  # the message is compared below
+    with pytest.raises(ValueError) as error:  # the message is compared by the callers
         build()
     return str(error.value)
 

@@ -41,9 +41,9 @@ class WorkerLayout:
     that.
 
     The class that mixes it in is a ``DDPStrategy`` (``world_size``, ``global_rank``, ``num_processes``,
-    ``root_device``, ``_timeout``) and calls :meth:`_keep_options` first in its constructor. Every option of
-    :class:`~lightning_easgd.core.config.ExchangeConfig` reads as an attribute of the strategy (``strategy.tau``,
-    ``strategy.beta``, ...), straight from :attr:`config`: there is one copy of each.
+    ``root_device``, ``_timeout``); its constructor sets :attr:`config` and calls :meth:`_keep_options` first.
+    Every option of :class:`~lightning_easgd.core.config.ExchangeConfig` reads as an attribute of the strategy
+    (``strategy.tau``, ``strategy.beta``, ...), straight from :attr:`config`: there is one copy of each.
     """
 
     unsupported_options: ClassVar[Mapping[str, tuple[Any, str]]] = {}
@@ -75,11 +75,12 @@ class WorkerLayout:
         def root_device(self) -> torch.device: ...
 
     def _keep_options(self, arguments: Mapping[str, Any]) -> None:
-        """Validate the constructor's arguments (its ``locals()``: the named options and ``kwargs``) and keep them.
+        """Validate the adapter's own options among the constructor's arguments (its ``locals()``: the named
+        options and ``kwargs``) and keep them; the strategy has set :attr:`config` from the same arguments.
 
         Raises:
             ValueError: naming the first invalid option, the value given and what is allowed (the same message
-                from every adapter, and from the core for the exchange's options).
+                from every adapter).
             TypeError: for an unknown keyword argument.
         """
         owner = type(self).__name__
@@ -90,7 +91,6 @@ class WorkerLayout:
             save_worker_states=arguments["save_worker_states"], start_method=arguments["start_method"],
             unsupported=self.unsupported_options, given=arguments,
         )
-        self.config = ExchangeConfig.from_options(dict(arguments))
         self._topology = None
         self._followers = ()
         self._state_keys = {}

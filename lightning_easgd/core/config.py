@@ -4,7 +4,7 @@ Every entry point (``EASGDStrategy``, ``EASGDFabricStrategy``, ``AsyncEASGDStrat
 core's averagers used directly) builds one ``ExchangeConfig`` and hands it on whole, so a bad value is refused here,
 with one message whichever way it came in, and nothing downstream checks it again.
 
-Adding an option is one field: declare it with :func:`option` and the function that checks and normalises its value;
+Adding an option is one field: its default and, in :func:`check`, the function that checks and normalises its value;
 the strategies expose every field as an attribute of the same name (``strategy.tau``, ``strategy.beta``, ...).
 """
 
@@ -19,7 +19,11 @@ from typing import Any, Literal
 
 import torch
 
-from lightning_easgd.core.center_momentum import check_center_momentum, validate_center_momentum, validate_center_nesterov
+from lightning_easgd.core.center_momentum import (
+    check_center_momentum,
+    validate_center_momentum,
+    validate_center_nesterov,
+)
 from lightning_easgd.core.hyperparams import DEFAULT_BETA, resolve_alpha, validate_alpha, validate_beta
 from lightning_easgd.core.schedule import ExchangeSchedule
 
@@ -100,10 +104,10 @@ def _unchecked(value: Any) -> Any:
     return value
 
 
-def option(default: Any, check: Callable[[Any], Any]) -> Any:
-    """Declare an :class:`ExchangeConfig` field: its default and the function that checks and normalises a value
-    (raising ``ValueError`` that names the option, the value and what is allowed)."""
-    return field(default=default, metadata={"check": check})
+def check(function: Callable[[Any], Any]) -> dict[str, Callable[[Any], Any]]:
+    """The metadata of an :class:`ExchangeConfig` field: the function that checks and normalises its value (raising
+    ``ValueError`` that names the option, the value and what is allowed)."""
+    return {"check": function}
 
 
 @dataclass(frozen=True)
@@ -132,20 +136,20 @@ class ExchangeConfig:
         ValueError: naming the first invalid option, the value given and what is allowed.
     """
 
-    tau: int = option(10, _unchecked)  # checked with the warm-up by ExchangeSchedule
-    warmup_steps: int = option(0, _unchecked)
-    warmup_tau: int = option(1, _unchecked)
-    alpha: float | None = option(None, _optional_alpha)
-    beta: float = option(DEFAULT_BETA, validate_beta)
-    overlap: bool | None = option(None, _overlap)
-    bucket_cap_mb: float | None = option(None, _bucket_cap_mb)
-    center_device: torch.device | None = option(None, validate_center_device)
-    exchange_dtype: torch.dtype | None = option(None, validate_exchange_dtype)
-    center_momentum: float = option(0.0, validate_center_momentum)
-    center_nesterov: bool = option(False, validate_center_nesterov)
-    on_nonfinite: NonFinitePolicy = option("raise", _on_nonfinite)
-    timeout: timedelta | None = option(None, _timeout)
-    per_tensor_distances: bool = option(False, validate_flag("per_tensor_distances"))
+    tau: int = field(default=10, metadata=check(_unchecked))  # checked with the warm-up by ExchangeSchedule
+    warmup_steps: int = field(default=0, metadata=check(_unchecked))
+    warmup_tau: int = field(default=1, metadata=check(_unchecked))
+    alpha: float | None = field(default=None, metadata=check(_optional_alpha))
+    beta: float = field(default=DEFAULT_BETA, metadata=check(validate_beta))
+    overlap: bool | None = field(default=None, metadata=check(_overlap))
+    bucket_cap_mb: float | None = field(default=None, metadata=check(_bucket_cap_mb))
+    center_device: torch.device | None = field(default=None, metadata=check(validate_center_device))
+    exchange_dtype: torch.dtype | None = field(default=None, metadata=check(validate_exchange_dtype))
+    center_momentum: float = field(default=0.0, metadata=check(validate_center_momentum))
+    center_nesterov: bool = field(default=False, metadata=check(validate_center_nesterov))
+    on_nonfinite: NonFinitePolicy = field(default="raise", metadata=check(_on_nonfinite))
+    timeout: timedelta | None = field(default=None, metadata=check(_timeout))
+    per_tensor_distances: bool = field(default=False, metadata=check(validate_flag("per_tensor_distances")))
     schedule: ExchangeSchedule = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

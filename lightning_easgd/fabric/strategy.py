@@ -55,7 +55,7 @@ from lightning_easgd.checkpoint.worker_files import (
     worker_file_name,
     worker_file_state,
 )
-from lightning_easgd.core import DEFAULT_BETA, ElasticAverager
+from lightning_easgd.core import DEFAULT_BETA, ElasticAverager, ExchangeConfig
 from lightning_easgd.core.worker import NonFinitePolicy
 
 
@@ -149,7 +149,8 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **kwargs: Any,
     ) -> None:
-        self._keep_options(locals())  # validated once: ExchangeConfig (core) and AdapterOptions (adapter)
+        self.config = ExchangeConfig.from_options(locals())  # the exchange's options, validated once, in the core
+        self._keep_options(locals())  # the adapter's own options
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,

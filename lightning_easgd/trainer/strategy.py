@@ -41,7 +41,7 @@ from typing_extensions import override
 from lightning_easgd.adapter.layout import WorkerLayout
 from lightning_easgd.checkpoint.atomic_io import AtomicCheckpointIO
 from lightning_easgd.checkpoint.worker_files import WorkerCheckpoints
-from lightning_easgd.core import DEFAULT_BETA
+from lightning_easgd.core import DEFAULT_BETA, ExchangeConfig
 from lightning_easgd.core.worker import ElasticWorker, NonFinitePolicy
 from lightning_easgd.trainer.guards import PerStepSyncGuard, refuse_weight_averaging
 
@@ -168,7 +168,8 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **kwargs: Any,
     ) -> None:
-        self._keep_options(locals())  # validated once: ExchangeConfig (core) and AdapterOptions (adapter)
+        self.config = ExchangeConfig.from_options(locals())  # the exchange's options, validated once, in the core
+        self._keep_options(locals())  # the adapter's own options
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
