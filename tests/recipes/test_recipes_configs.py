@@ -293,3 +293,11 @@ def test_a_monitored_checkpoint_that_saves_last_is_warned_about(compose_cfg: Com
     trainer = _build(compose_cfg("cifar10", [*cifar, "callbacks.model_checkpoint.save_last=true"]))
     with pytest.warns(UserWarning, match="monitoring 'val/acc' has save_last=True: Lightning rewrites its last.ckpt"):
         _check_checkpoints(trainer, "last")
+
+
+@pytest.mark.parametrize(("momentum", "plain"), [("eamsgd", "easgd"), ("eamsgd_async", "easgd_async")])
+def test_eamsgd_strategy_is_easgd_with_a_nesterov_optimizer(momentum: str, plain: str, compose_cfg: Compose) -> None:
+    """The EAMSGD configs reuse the EASGD ones through Hydra's defaults: the same strategy, another optimizer."""
+    eamsgd, easgd = compose_cfg("cifar10", [f"strategy={momentum}"]), compose_cfg("cifar10", [f"strategy={plain}"])
+    assert eamsgd.strategy == easgd.strategy and eamsgd.callbacks == easgd.callbacks
+    assert eamsgd.optimizer.nesterov and eamsgd.optimizer.momentum == 0.99 and "momentum" not in easgd.optimizer
