@@ -108,3 +108,15 @@ def test_one_step_template_for_both_averagers() -> None:
     with averager.step():
         w.add_(1.0)
     assert averager.clock == 1
+
+
+def test_topology_resolves_node_once_and_checks_the_world() -> None:
+    from lightning_easgd.core.topology import WorkerTopology
+
+    # "node" is the processes per node: 8 ranks on 2 nodes of 4 give 2 workers; global rank 5 is worker 1, slot 1.
+    assert WorkerTopology.resolve("node", 8, 5, 4) == WorkerTopology(4, 2, 1, 1)
+    assert WorkerTopology.resolve(2, 6, 3, 6) == WorkerTopology(2, 3, 1, 1)
+    single = WorkerTopology.resolve(1, 3, 2, 3)
+    assert single == WorkerTopology(1, 3, 2, 0) and single.with_groups() is single  # no groups to build
+    with pytest.raises(ValueError, match=r"ranks_per_worker=4 does not divide the world size 6"):
+        WorkerTopology.resolve("node", 6, 0, 4)
