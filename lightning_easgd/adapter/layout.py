@@ -41,7 +41,7 @@ class WorkerLayout:
     that.
 
     The class that mixes it in is a ``DDPStrategy`` (``world_size``, ``global_rank``, ``num_processes``,
-    ``root_device``, ``_timeout``); its constructor sets :attr:`config` and calls :meth:`_keep_options` first.
+    ``root_device``, ``_timeout``); its constructor calls :meth:`_keep_options` first, then sets :attr:`config`.
     Every option of :class:`~lightning_easgd.core.config.ExchangeConfig` reads as an attribute of the strategy
     (``strategy.tau``, ``strategy.beta``, ...), straight from :attr:`config`: there is one copy of each.
     """
@@ -76,7 +76,8 @@ class WorkerLayout:
 
     def _keep_options(self, arguments: Mapping[str, Any]) -> None:
         """Validate the adapter's own options among the constructor's arguments (its ``locals()``: the named
-        options and ``kwargs``) and keep them; the strategy has set :attr:`config` from the same arguments.
+        options and ``kwargs``) and keep them, refusing first what this class does not implement
+        (:attr:`unsupported_options`); the strategy then builds :attr:`config` from the same arguments.
 
         Raises:
             ValueError: naming the first invalid option, the value given and what is allowed (the same message

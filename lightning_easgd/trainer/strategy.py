@@ -168,8 +168,8 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **kwargs: Any,
     ) -> None:
+        self._keep_options(locals())  # the adapter's own options, and those this class does not implement
         self.config = ExchangeConfig.from_options(locals())  # the exchange's options, validated once, in the core
-        self._keep_options(locals())  # the adapter's own options
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
