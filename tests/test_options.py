@@ -128,3 +128,10 @@ def test_every_option_is_a_constructor_argument_and_an_attribute(strategy: type)
         assert getattr(instance, name) == getattr(instance.config, name), name
     assert (instance.tau, instance.beta, instance.bucket_cap_mb, instance.per_tensor_distances) == (3, 0.8, 7.0, True)
     assert instance.config.timeout == timedelta(seconds=9)
+
+
+def test_options_cannot_drift_from_the_config() -> None:
+    strategy = EASGDStrategy(tau=3)
+    with pytest.raises(AttributeError, match=r"EASGDStrategy.tau is read-only: .* pass tau=... to the constructor"):
+        strategy.tau = 5
+    assert strategy.tau == strategy.config.tau == 3

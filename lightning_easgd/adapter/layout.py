@@ -103,6 +103,15 @@ class WorkerLayout:
             return getattr(config, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _CONFIG_OPTIONS and "config" in self.__dict__:
+            # A second copy would drift from the config the averager was (or will be) built from.
+            raise AttributeError(
+                f"{type(self).__name__}.{name} is read-only: the exchange's options are validated once, into "
+                f"strategy.config; pass {name}=... to the constructor"
+            )
+        super().__setattr__(name, value)
+
     @property
     def save_worker_states(self) -> bool:
         """Whether checkpoints carry every worker's own state (local weights, optimizer, RNG)."""
