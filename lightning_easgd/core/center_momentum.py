@@ -93,13 +93,13 @@ class CenterMomentum:
 
     Args:
         center: the center's flat buffers, which :meth:`apply` updates in place.
-        momentum: μ in [0, 1).
+        momentum: μ in [0, 1) (validated once, by :class:`~lightning_easgd.core.config.ExchangeConfig`).
         nesterov: use the Nesterov form instead of heavy ball.
     """
 
     def __init__(self, center: Sequence[Tensor], momentum: float, nesterov: bool = False) -> None:
-        self.momentum = validate_center_momentum(momentum)
-        self.nesterov = validate_center_nesterov(nesterov)
+        self.momentum = momentum
+        self.nesterov = nesterov
         self.velocity: list[Tensor] = [torch.zeros_like(flat) for flat in center]
 
     def apply(self, center: Sequence[Tensor], sums: Sequence[Tensor], alpha: float) -> None:
