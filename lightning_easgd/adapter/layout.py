@@ -213,12 +213,14 @@ class WorkerLayout:
         return ElasticAverager(elastic, self.config, group=topology.column_group, worker_group=topology.worker_group,
                                follow_first_rank=self._followers if topology.worker_group is not None else ())
 
-    def _release_groups(self) -> None:
+    def _release_groups(self, destroy: bool = True) -> None:
         """Destroy the worker and column process groups built at setup (teardown): on NCCL each holds a
-        communicator, and a strategy set up again (``fit`` then ``validate``) builds its own."""
-        if self._topology is not None:
+        communicator, and a strategy set up again (``fit`` then ``validate``) builds its own. After a failure
+        (``destroy=False``) they are only dropped: a peer may be gone, and destroying a communicator with a
+        collective still in flight can block; the process group's teardown at exit takes them with it."""
+        if self._topology is not None and destroy:
             self._topology.destroy_groups()
-            self._topology = None
+        self._topology = None
 
     def _apply_resets(self, optimizers: Iterable[Optimizer]) -> None:
         """After a step: name the workers the divergence guard (``on_nonfinite="reset"``) restarted from the center,

@@ -275,10 +275,11 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
         if self._patched_loop is not None:
             del self._patched_loop._broadcast_sigterm_tensor  # back to the class's method
             self._patched_loop = None
+        failed = self._failed
         if self._averager is not None:
             module = self.lightning_module
             grouped = self._topology is not None and self._topology.worker_group is not None
-            if self._failed and grouped:
+            if failed and grouped:
                 pass  # swapping needs the worker's other ranks, which may be gone: leave the tensors as they are
             elif module is not None and module._trainer is not None and module.trainer.state.fn == TrainerFn.FITTING:
                 # The center is the model: the user's module (and what spawn/fork send back) holds it after fit.
@@ -291,7 +292,7 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
             # Unwrap here: DDPStrategy.teardown would suggest static_graph=True, a DDP option this strategy refuses.
             self.model = self.lightning_module
         super().teardown()
-        self._release_groups()
+        self._release_groups(destroy=not failed)
 
     @override
     def on_exception(self, exception: BaseException) -> None:
