@@ -1,7 +1,8 @@
 """The framework-free EASGD core: pure torch and torch.distributed, no Lightning.
 
 Adapters (the Lightning strategies and the Fabric strategy) only decide *when* to call into it: which tensors take part,
-when an optimizer step happens, when evaluation starts and ends, and what goes into a checkpoint.
+when an optimizer step happens, when evaluation starts and ends, and what goes into a checkpoint. What the exchange
+does is one :class:`ExchangeConfig`, validated once and handed whole to the averagers.
 """
 
 from lightning_easgd.core.averager import ElasticAverager
