@@ -161,10 +161,7 @@ class AsyncElasticAverager(ElasticWorker):
         self.order = validate_order(order)
         validate_transport(rpc_transport)
         distributed = dist.is_available() and dist.is_initialized()
-        # One flat vector per (device, dtype) group: the "flattened parameters" whose slices the ranks own.
-        total_mb = sum(t.numel() * t.element_size() for _, t in named_tensors) / 2**20
-        super().__init__(named_tensors, config, num_workers=dist.get_world_size(group) if distributed else 1,
-                         bucket_cap_mb=total_mb + 1.0)
+        super().__init__(named_tensors, config, num_workers=dist.get_world_size(group) if distributed else 1)
         timeout = config.timeout
         segments = []
         for bucket in self.layout.buckets:
@@ -207,6 +204,12 @@ class AsyncElasticAverager(ElasticWorker):
         own = self.service.owner_bounds(self.rank)
         size = {b.dtype: torch.empty((), dtype=b.dtype).element_size() for b in self.layout.buckets}
         return sum((b.numel - (hi - lo)) * size[b.dtype] for b, (lo, hi) in zip(self.layout.buckets, own))
+
+    @override
+    def _bucket_cap_mb(self) -> float:
+        """One flat vector per (device, dtype) group: the "flattened parameters" whose slices the ranks own
+        (``config.bucket_cap_mb`` sizes only the adapter's initial broadcast)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors) / 2**20 + 1.0
 
     @override
     def _abandon(self) -> None:

@@ -125,7 +125,7 @@ class ElasticAverager(ElasticWorker):
         self._global_rank = dist.get_rank() if distributed else 0
         self._nccl = distributed and dist.get_backend(group) == "nccl"
         self._follow_names = tuple(follow_first_rank)
-        super().__init__(named_tensors, config, num_workers=self.world_size, bucket_cap_mb=config.bucket_cap_mb)
+        super().__init__(named_tensors, config, num_workers=self.world_size)
         # The velocity has the center's shape: with worker groups, this rank's slice of it.
         self.center_momentum = make_center_momentum(self._center, config.center_momentum, config.center_nesterov)
         unknown = set(self._follow_names) - set(self.names)

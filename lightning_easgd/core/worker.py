@@ -67,8 +67,6 @@ class ElasticWorker:
         named_tensors: the tensors that take part in the exchange (parameters and floating-point buffers).
         config: the exchange's options, already validated (:class:`~lightning_easgd.core.config.ExchangeConfig`).
         num_workers: p, the number of workers (resolves α = β/p when ``config.alpha`` is None).
-        bucket_cap_mb: size of the flat buffers the tensors are grouped into (None: a default for the tensors'
-            device, see :func:`~lightning_easgd.core.buckets.resolve_bucket_cap_mb`).
     """
 
     def __init__(
@@ -77,7 +75,6 @@ class ElasticWorker:
         config: ExchangeConfig,
         *,
         num_workers: int,
-        bucket_cap_mb: float | None,
     ) -> None:
         if not named_tensors:
             raise ValueError("named_tensors is empty: EASGD needs at least one tensor to average")
@@ -100,7 +97,7 @@ class ElasticWorker:
         self.clock = 0
         """Optimizer steps this worker has taken; the exchange happens when :attr:`schedule` says so."""
 
-        self.layout = FlatLayout(self.tensors, bucket_cap_mb)
+        self.layout = FlatLayout(self.tensors, self._bucket_cap_mb())
         self._local_views: list[Tensor] = []
         self._init_center()
         self._pending: object | None = None  # the exchange in flight during a step
@@ -142,6 +139,11 @@ class ElasticWorker:
     def _abandon(self) -> None:
         """The local step raised: forget the exchange in flight (the clock stays put)."""
         self._pending = None
+
+    def _bucket_cap_mb(self) -> float | None:
+        """The size of the flat buffers the tensors are grouped into: ``config.bucket_cap_mb`` (None: a default for
+        the tensors' device, see :func:`~lightning_easgd.core.buckets.resolve_bucket_cap_mb`)."""
+        return self.config.bucket_cap_mb
 
     def _init_center(self) -> None:
         """Allocate this worker's copy of the center and start it at the tensors' values (all ranks agree on them).
