@@ -219,6 +219,7 @@ class AsyncElasticAverager(ElasticWorker):
 
     @override
     def _begin(self) -> None:
+        self._check_can_step()
         if self.service.closed:
             raise RuntimeError("the center service is closed")
         if not self.exchange_due:
@@ -291,6 +292,7 @@ class AsyncElasticAverager(ElasticWorker):
             with torch.no_grad():
                 torch._foreach_copy_(self.tensors, self._center_views)
             self._resets.append((self.clock, (self.rank,)))
+        self.clock += 1
 
     # ------------------------------------------------------------------ statistics
 

@@ -199,6 +199,7 @@ class ElasticAverager(ElasticWorker):
 
     @override
     def _begin(self) -> None:
+        self._check_can_step()
         if not self.exchange_due:
             return
         with torch.no_grad():
@@ -301,6 +302,7 @@ class ElasticAverager(ElasticWorker):
                 self._resets.append((self.clock, flagged))
             if self._track is not None:
                 self._record_stats(values)
+        self.clock += 1
 
     def _worker_label(self) -> str:
         return f" (worker {self.rank})" if self.ranks_per_worker > 1 else ""

@@ -57,8 +57,8 @@ class ElasticWorker:
     """One worker's side of EASGD: the step template, its copy of the center, and evaluation on it.
 
     :meth:`step` is the one template every exchange algorithm runs: :meth:`_begin` (before the local step: measure,
-    start the exchange), :meth:`_end` (after it: apply the exchange), :meth:`_abandon` (the step raised); the clock
-    advances after :meth:`_end`. Subclasses implement those hooks, set ``self._local_views`` (where the local values
+    start the exchange), :meth:`_end` (after it: apply the exchange, advance the clock), :meth:`_abandon` (the step
+    raised). Subclasses implement those hooks, set ``self._local_views`` (where the local values
     wait while the center is swapped in) and, if their copy of the center can go stale, override
     :meth:`_refresh_center`. A subclass that keeps only part of the center (the synchronous averager with worker
     groups) overrides :meth:`_init_center` and the methods that move the center and the local values.
@@ -115,10 +115,9 @@ class ElasticWorker:
         """Wrap one local optimizer step: ``with averager.step(): optimizer.step(closure)``.
 
         If an exchange is due, it starts now, before the step changes anything (:meth:`_begin`), and is applied
-        after the step (:meth:`_end`). The clock advances by one. If the step raises, the exchange is abandoned
-        (:meth:`_abandon`) and the clock stays put.
+        after the step (:meth:`_end`, which advances the clock by one). If the step raises, the exchange is
+        abandoned (:meth:`_abandon`) and the clock stays put.
         """
-        self._check_can_step()
         self._begin()
         try:
             yield
@@ -126,14 +125,14 @@ class ElasticWorker:
             self._abandon()
             raise
         self._end()
-        self.clock += 1
 
     def _begin(self) -> None:
-        """Before the local step: start the exchange if one is due (:attr:`exchange_due`)."""
+        """Before the local step: refuse a nested step (:meth:`_check_can_step`) and start the exchange if one is
+        due (:attr:`exchange_due`). Callers that frame the step themselves call :meth:`_begin` and :meth:`_end`."""
         raise NotImplementedError
 
     def _end(self) -> None:
-        """After the local step: complete the exchange started by :meth:`_begin`, if any."""
+        """After the local step: complete the exchange started by :meth:`_begin`, if any, and advance the clock."""
         raise NotImplementedError
 
     def _abandon(self) -> None:
