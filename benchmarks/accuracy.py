@@ -14,15 +14,19 @@ stamps each result with the training time spent so far, evaluation excluded. One
 
 Methods (``--methods``): ``msgd`` (one worker, the paper's MSGD preset), ``ddp`` (Lightning DDP: gradients
 all-reduced every step), ``average:τ`` (local SGD with periodic model averaging, ``benchmarks/baselines.py``),
-``easgd:τ`` and ``eamsgd:τ`` (the paper presets with period τ), ``easgd_async:τ`` and ``eamsgd_async:τ``. DDP and
-periodic averaging use EAMSGD's local optimizer (Nesterov momentum 0.99, lr 0.01), so that only the
+``easgd:τ`` and ``eamsgd:τ`` (the paper presets with period τ), ``easgd_async:τ`` and ``eamsgd_async:τ``, and the
+reset rule's family members (docs/family.md) ``localsgd:τ`` (EASGDStrategy's own periodic averaging, reported beside
+``average:τ``, the independent implementation), ``slowmo:τ`` and ``diloco:τ`` (the Hydra presets of those names).
+DDP, periodic averaging and the reset family use EAMSGD's local optimizer (Nesterov momentum 0.99, lr 0.01), so that only the
 communication scheme differs; ``msgd`` never communicates, so it runs once, at the first rate. Checkpoints (one per
 evaluation, for the final test) hold the center only for every method.
 
 Options follow, each after a colon (``eamsgd:16:cm0.5:warm500:lr0.01:seed1``): ``lrη`` (the learning rate) and
 ``seedN`` (the recipe's seed) for every method; ``cmμ`` / ``cnμ`` (center momentum μ in (0, 1), heavy ball /
-Nesterov; docs/center_momentum.md) for ``easgd`` and ``eamsgd``; ``warmW`` (exchange at every step during the
-first W optimizer steps, then every τ) for the elastic methods.
+Nesterov; docs/center_momentum.md) for ``easgd``, ``eamsgd`` and the reset family; ``warmW`` (exchange at every step
+during the first W optimizer steps, then every τ) for the elastic methods; ``syncN`` (a synchronous start: the
+first N optimizer steps average gradients as DDP does, then local steps; not with ``warmW``) for the synchronous
+EASGDStrategy methods.
 """
 
 from __future__ import annotations
@@ -53,13 +57,19 @@ _METHODS: dict[str, tuple[str, ...]] = {
     "eamsgd": ("experiment=cifar10_paper_eamsgd",),
     "easgd_async": ("experiment=cifar10_paper_easgd", "strategy=easgd_async"),
     "eamsgd_async": ("experiment=cifar10_paper_eamsgd", "strategy=eamsgd_async"),
+    "localsgd": ("experiment=cifar10_paper_eamsgd", "strategy=local_sgd"),
+    "slowmo": ("experiment=cifar10_paper_eamsgd", "strategy=slowmo"),
+    "diloco": ("experiment=cifar10_paper_eamsgd", "strategy=diloco"),
 }
 _WITHOUT_PERIOD = ("msgd", "ddp")
-_ELASTIC = ("easgd", "eamsgd", "easgd_async", "eamsgd_async")
+_RESET = ("localsgd", "slowmo", "diloco")
+_ELASTIC = ("easgd", "eamsgd", "easgd_async", "eamsgd_async", *_RESET)
 
 
-_CENTER_MOMENTUM = ("easgd", "eamsgd")  # the asynchronous strategy refuses center momentum
-_OPTIONS = "lrETA, seedN, cmMU or cnMU (easgd, eamsgd; 0 < MU < 1), warmW (elastic methods; W >= 1)"
+_CENTER_MOMENTUM = ("easgd", "eamsgd", *_RESET)  # the asynchronous strategy refuses center momentum
+_SYNC_START = _CENTER_MOMENTUM  # and a synchronous start
+_OPTIONS = ("lrETA, seedN, cmMU or cnMU (easgd, eamsgd, localsgd, slowmo, diloco; 0 < MU < 1), warmW (elastic "
+            "methods; W >= 1), syncN (easgd, eamsgd, localsgd, slowmo, diloco; N >= 1; not with warmW)")
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,7 @@ class Method:
     warmup_steps: int = 0
     lr: float | None = None
     seed: int | None = None
+    sync_steps: int = 0
 
     @classmethod
     def parse(cls, text: str) -> Method:
@@ -86,7 +97,9 @@ class Method:
             tau = int(tokens.pop(0))
         options = [_option(name, token) for token in tokens]
         keys = [key for option in options if option for key in option if key != "center_nesterov"]
-        if name in _METHODS and periodic == (tau is not None) and all(options) and len(keys) == len(set(keys)):
+        both_starts = {"warmup_steps", "sync_steps"} <= set(keys)  # the strategy refuses the combination
+        if (name in _METHODS and periodic == (tau is not None) and all(options) and len(keys) == len(set(keys))
+                and not both_starts):
             return cls(name, tau, **{k: v for option in options for k, v in option.items()})  # type: ignore[union-attr]
         periodic_names = ", ".join(f"{m}:TAU" for m in _METHODS if m not in _WITHOUT_PERIOD)
         raise ValueError(f"method={text!r} is invalid: use {', '.join(_WITHOUT_PERIOD)}, or {periodic_names} with "
@@ -99,6 +112,8 @@ class Method:
             tokens.append(f"{'cn' if self.center_nesterov else 'cm'}{self.center_momentum!r}")
         if self.warmup_steps:
             tokens.append(f"warm{self.warmup_steps}")
+        if self.sync_steps:
+            tokens.append(f"sync{self.sync_steps}")
         if self.lr is not None:
             tokens.append(f"lr{self.lr!r}")
         if self.seed is not None:
@@ -138,6 +153,8 @@ class Method:
                          f"strategy.center_nesterov={str(self.center_nesterov).lower()}"]
         if self.warmup_steps:
             selected += [f"strategy.warmup_steps={self.warmup_steps}", "strategy.warmup_tau=1"]
+        if self.sync_steps:
+            selected.append(f"strategy.sync_steps={self.sync_steps}")
         if self.lr is not None:
             selected.append(f"optimizer.lr={self.lr!r}")
         if self.seed is not None:
@@ -147,7 +164,8 @@ class Method:
 
 def _option(name: str, token: str) -> dict[str, float | int | bool] | None:
     """One ``:OPTION`` of a method, as Method fields, or None if ``name`` does not take it (or it is malformed)."""
-    for prefix, value_type in (("cm", float), ("cn", float), ("warm", int), ("lr", float), ("seed", int)):
+    for prefix, value_type in (("cm", float), ("cn", float), ("warm", int), ("sync", int), ("lr", float),
+                               ("seed", int)):
         if token.startswith(prefix):
             try:
                 value = value_type(token[len(prefix):])
@@ -161,6 +179,8 @@ def _option(name: str, token: str) -> dict[str, float | int | bool] | None:
         return {"center_momentum": value, "center_nesterov": prefix == "cn"} if ok else None
     if prefix == "warm":
         return {"warmup_steps": value} if name in _ELASTIC and value >= 1 else None
+    if prefix == "sync":
+        return {"sync_steps": value} if name in _SYNC_START and value >= 1 else None
     if prefix == "lr":
         return {"lr": value} if math.isfinite(value) and value > 0 else None
     return {"seed": value} if value >= 0 else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import signal
@@ -47,6 +48,32 @@ def run_all(commands: list[list[str]], env: dict[str, str], timeout: float) -> N
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def run_bounded(command: list[str], timeout: float, env: dict[str, str] | None = None,
+                cwd: Path | None = None) -> tuple[int | None, str]:
+    """Run ``command`` in a session (so a process group) of its own for at most ``timeout`` seconds.
+
+    Returns its exit status and output (stdout and stderr together), or ``None`` and what it printed so far when it
+    ran out of time: then the whole group is killed, grandchildren included. The group is also killed when this
+    process is interrupted while waiting (SIGINT, or SIGTERM turned into SystemExit by the caller).
+    """
+    proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=max(0.01, timeout))
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return None, out or ""
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # what the group left running after its leader exited
 
 
 def launch_env(hosts: list[Host], port: int, processes: int) -> dict[str, str]:

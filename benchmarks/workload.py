@@ -6,7 +6,8 @@ Methods: ``none`` (one process, no communication), ``ddp`` (Lightning's DDPStrat
 step), ``average:τ`` (local SGD with periodic model averaging), ``easgd:τ`` (EASGDStrategy, one worker per
 process), ``easgd_bf16:τ`` (the same with ``exchange_dtype=torch.bfloat16``: d_i travels in bfloat16),
 ``easgd_node:τ`` (EASGDStrategy with ``ranks_per_worker="node"``: one worker per node, gradients all-reduced inside
-it) and ``easgd_async:τ``.
+it), ``easgd_async:τ``, and the reset rule's ``localsgd:τ``, ``slowmo:τ`` and ``diloco:τ`` (EASGDStrategy with
+``worker_pull="reset"`` and the outer step of the Hydra presets of those names; docs/family.md).
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.netlab import interface_tx_bytes
 
-PERIODIC = ("easgd", "easgd_bf16", "easgd_node", "average", "easgd_async")
+RESET = {  # the reset rule's outer step, as in conf/strategy/{local_sgd,slowmo,diloco}.yaml
+    "localsgd": {"beta": 1.0},
+    "slowmo": {"beta": 1.0, "center_momentum": 0.2},
+    "diloco": {"beta": 0.7, "center_momentum": 0.9, "center_nesterov": True},
+}
+PERIODIC = ("easgd", "easgd_bf16", "easgd_node", "average", "easgd_async", *RESET)
 """The methods that take a communication period."""
 
 
@@ -63,6 +69,8 @@ def make_strategy(method: str, start_method: str) -> Any:
 
     if name == "easgd_node":
         return EASGDStrategy(tau=period, ranks_per_worker="node", start_method=start_method)
+    if name in RESET:
+        return EASGDStrategy(tau=period, worker_pull="reset", start_method=start_method, **RESET[name])
     if name == "easgd_bf16":
         return EASGDStrategy(tau=period, exchange_dtype="bfloat16", start_method=start_method)
     return EASGDStrategy(tau=period, start_method=start_method)

@@ -6,11 +6,13 @@ Evaluation runs on the center (``fabric.strategy.center()``); checkpoints hold t
 state for exact resume; after the loop the model holds the center for good (``adopt_center()``).
 """
 
+import os
+
 import torch
 from lightning.fabric import Fabric
 from lightning.fabric.loggers import CSVLogger
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import lightning_easgd  # noqa: F401  (registers Fabric(strategy="easgd"); or pass EASGDFabricStrategy(tau=...))
 
@@ -32,13 +34,20 @@ def main() -> None:
     model = nn.Sequential(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 4))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)  # EAMSGD
     model, optimizer = fabric.setup(model, optimizer)  # every worker starts from rank 0's weights
-    train, val = fabric.setup_dataloaders(data(8192, 0), data(1024, 1))
+    # The loop owns the training sampler and sets its epoch, so a run resumed at epoch e in a new process draws
+    # epoch e's order (fabric.setup_dataloaders would number the epochs by its own count of iterations, from 0).
+    train_set = data(8192, 0).dataset
+    sampler = DistributedSampler(train_set, num_replicas=fabric.world_size, rank=fabric.global_rank, seed=0)
+    train = DataLoader(train_set, batch_size=64, sampler=sampler)
+    val = fabric.setup_dataloaders(data(1024, 1))
     averager = fabric.strategy.averager
     averager.track_distances()  # measured inside the exchange: no extra communication
 
     for epoch in range(5):
+        sampler.set_epoch(epoch)
         model.train()
-        for x, y in train:
+        for batch in train:
+            x, y = fabric.to_device(batch)
             optimizer.zero_grad()
             fabric.backward(nn.functional.cross_entropy(model(x), y))
             optimizer.step()  # one tick of EASGD's clock
@@ -53,6 +62,14 @@ def main() -> None:
 
     fabric.strategy.adopt_center()  # the model holds the center for good, on every rank
     fabric.save(f"{OUT}/center.ckpt", {"model": model})
+    # Fabric's CSVLogger writes its buffer every 100 steps or here, at finalize(): without this call a short run
+    # leaves no metrics.csv. (Rank 0 writes; on the others finalize does nothing.)
+    fabric.logger.finalize("success")
+    if fabric.is_global_zero:  # log_dir only on rank 0, which created it
+        out, logs = os.path.abspath(OUT), os.path.abspath(fabric.logger.log_dir)
+        print(f"metrics: {logs}/metrics.csv\ncheckpoints: {out}/last.ckpt with last.ckpt.workers/ (model, "
+              f"optimizer, epoch: for resume), "
+              f"{out}/center.ckpt (the center)")
 
 
 if __name__ == "__main__":

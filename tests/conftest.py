@@ -26,7 +26,7 @@ def _clean_env() -> Any:
 def messages(monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> Any:
     """Read what the strategy logs or warns, also from forked workers (their log handlers and warning recorders
     live in the child, so the messages are printed to the inherited stderr instead)."""
-    for module in ("adapter.layout", "checkpoint.worker_files"):
+    for module in ("adapter.layout", "checkpoint.routines"):
         monkeypatch.setattr(f"lightning_easgd.{module}.rank_zero_warn",
                             lambda msg, *a, **k: print(msg, file=sys.stderr))
     capfd.readouterr()

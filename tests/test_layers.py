@@ -22,12 +22,6 @@ ROOT = "lightning_easgd"
 TRAINER_PACKAGE_ALLOWED = ("trainer", "recipes", "")
 """Where ``lightning.pytorch`` (or ``lightning``, which imports it) may be imported: "" is the package's __init__."""
 
-PENDING_CKPT_MOVE = {("lightning_easgd.checkpoint.worker_files", "lightning_easgd.trainer.strategy")}
-"""KNOWN VIOLATION, to remove at merge: ``checkpoint/worker_files.py`` holds the Trainer-only ``WorkerCheckpoints``,
-typed against ``EASGDStrategy`` under TYPE_CHECKING (an upward import that closes a circle with trainer/strategy.py).
-The "ckpt" helper is moving it to trainer/; once that lands, ``test_pending_allow_list_is_still_needed`` fails and
-this set must be emptied."""
-
 
 def modules() -> dict[str, Path]:
     """Every module of the package by dotted name (a package by its ``__init__``)."""
@@ -77,8 +71,6 @@ def test_no_import_runs_back_up_a_layer() -> None:
     wrong = []
     for source, targets in graph().items():
         for target in targets:
-            if (source, target) in PENDING_CKPT_MOVE:
-                continue
             here, there = layer(source), layer(target)
             if here == "":
                 allowed = there != "recipes"
@@ -92,7 +84,7 @@ def test_no_import_runs_back_up_a_layer() -> None:
 
 
 def test_no_import_circle() -> None:
-    edges = {source: targets - {t for s, t in PENDING_CKPT_MOVE if s == source} for source, targets in graph().items()}
+    edges = graph()
     # Tarjan's strongly connected components: a component of more than one module is a circle.
     index: dict[str, int] = {}
     low: dict[str, int] = {}
@@ -143,13 +135,6 @@ def test_the_core_imports_torch_only() -> None:
                     for module in imports(name, path) if module.split(".")[0] in ("lightning", "pytorch_lightning",
                                                                                  "hydra", "omegaconf")})
     assert not wrong, "\n".join(wrong)
-
-
-def test_pending_allow_list_is_still_needed() -> None:
-    """Fails once the known violation is gone, so that its allow-list entry does not outlive it."""
-    edges = graph()
-    gone = [edge for edge in PENDING_CKPT_MOVE if edge[1] not in edges.get(edge[0], set())]
-    assert not gone, f"remove {gone} from PENDING_CKPT_MOVE: the checkpoint glue has moved to trainer/"
 
 
 @pytest.mark.parametrize(("source", "target"), [

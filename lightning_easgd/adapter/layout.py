@@ -154,6 +154,12 @@ class WorkerLayout:
         return self._topology.worker_group if self._topology is not None else None
 
     @property
+    def state_keys(self) -> Mapping[str, int]:
+        """For every ``state_dict`` key that names an averaged tensor, that tensor's index in the exchange (after
+        setup; what a checkpoint needs to put the center's values under the module's keys)."""
+        return self._state_keys
+
+    @property
     def alpha(self) -> float | None:
         """The moving rate in use (resolved from β and the number of workers at setup when not given)."""
         return self._averager.alpha if self._averager is not None else self.config.alpha

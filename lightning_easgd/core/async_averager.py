@@ -130,7 +130,10 @@ class AsyncElasticAverager(ElasticWorker):
     waits on the host only for the copy of x (and the work queued before it), never for the device as a whole.
     Memory besides the model: two model-sized device buffers (x at the exchange, the replies) and the center's
     snapshot on the device; on the host, one model's worth of send buffers (pinned on CUDA), as much for the
-    replies on CUDA, and this rank's 1/p slice of the center.
+    replies on CUDA, and this rank's 1/p slice of the center. The center, its snapshot and the replies are kept in
+    float32 for 16-bit tensors (``*-true`` precisions), as in the synchronous averager: a 16-bit center would round
+    away every update α·(x − x̃) smaller than half its spacing and stop moving. Those buffers then take twice the
+    16-bit model's size.
 
     Statistics (:meth:`track_distances`, nothing extra is communicated): at its exchange a worker knows its own
     ‖x_i − x̃‖ exactly, and the owners tell it every other worker's distance at that worker's most recent exchange
@@ -171,7 +174,8 @@ class AsyncElasticAverager(ElasticWorker):
                 start += n
             segments.append(offsets)
         self._snap = self.layout.allocate()  # x at the exchange; the local values while the center is swapped in
-        self._diff = self.layout.allocate()  # x − x̃ assembled from the replies
+        # x − x̃ assembled from the replies, in the center's dtype (float32 for 16-bit tensors), like the sync pull.
+        self._diff = self.layout.allocate(self.layout.master_dtypes)
         self._snap_views = self.layout.views(self._snap)
         self._diff_views = self.layout.views(self._diff)
         self._local_views = self._snap_views
@@ -182,11 +186,12 @@ class AsyncElasticAverager(ElasticWorker):
         self.rank = self.service.rank
         self._staging = HostStaging([b.device for b in self.layout.buckets])
         # Host buffers per owner and group: what each owner is sent (contiguous, so RPC sends only them) and, on
-        # CUDA, pinned copies of its replies for the asynchronous upload. One model's worth each, on the host.
+        # CUDA, pinned copies of its replies for the asynchronous upload. One model's worth each, on the host (the
+        # replies in the center's dtype: twice the tensors' bytes for 16-bit tensors).
         self._send = [[self._staging.empty(hi - lo, b.dtype) for b, (lo, hi) in
                        zip(self.layout.buckets, self.service.owner_bounds(r))] for r in range(self.world_size)]
-        self._recv = [[self._staging.empty(hi - lo, b.dtype) for b, (lo, hi) in
-                       zip(self.layout.buckets, self.service.owner_bounds(r))] for r in range(self.world_size)
+        self._recv = [[self._staging.empty(hi - lo, d.dtype) for d, (lo, hi) in
+                       zip(self._diff, self.service.owner_bounds(r))] for r in range(self.world_size)
                       ] if self._staging.pinned else None
         self._finite = self._staging.empty(len(self.layout.buckets), torch.bool)
         self._seen = [0] * self.world_size  # per owner: the slice version right after our last update of it
@@ -200,7 +205,8 @@ class AsyncElasticAverager(ElasticWorker):
 
     @property
     def bytes_per_exchange(self) -> int:
-        """Bytes this worker sends over the network per exchange (the slices other ranks own); as many come back."""
+        """Bytes this worker sends over the network per exchange (the slices other ranks own, in the tensors' dtype).
+        The replies come back in the center's dtype: as many bytes, twice as many for 16-bit tensors."""
         own = self.service.owner_bounds(self.rank)
         size = {b.dtype: torch.empty((), dtype=b.dtype).element_size() for b in self.layout.buckets}
         return sum((b.numel - (hi - lo)) * size[b.dtype] for b, (lo, hi) in zip(self.layout.buckets, own))

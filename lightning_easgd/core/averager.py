@@ -24,7 +24,7 @@ averager around a Nesterov-momentum SGD.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -32,9 +32,12 @@ import torch.distributed as dist
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_easgd.core.buckets import ShardLayout, broadcast_tensors
+from lightning_easgd.core.buckets import ShardLayout, broadcast_tensors, master_dtype
 from lightning_easgd.core.center_momentum import make_center_momentum
 from lightning_easgd.core.config import ExchangeConfig, config_from
+from lightning_easgd.core.family import GradientAverage, subtract_center_step
+from lightning_easgd.core.pinned import pinned_empty
+from lightning_easgd.core.staging import copy_to_host
 from lightning_easgd.core.worker import ElasticWorker, ExchangeError, ExchangeStats, NonFiniteWorkerError
 
 
@@ -45,12 +48,6 @@ def _all_gather(output: Tensor, input: Tensor, group: dist.ProcessGroup | None) 
     work = gather(output, input, group=group, async_op=True)
     assert work is not None
     return work
-
-
-def master_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the center and d_i are kept in: float32 for 16-bit tensors (a bf16 center would lose the small
-    α·Σd updates and an fp16 sum can overflow), the tensors' own dtype otherwise."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 @dataclass
@@ -93,6 +90,12 @@ class ElasticAverager(ElasticWorker):
     watchdog may abort the process first). ``center_device="cpu"`` keeps the center and d_i in (pinned, with CUDA)
     host memory and streams them through one bucket-sized device buffer at each exchange. ``exchange_dtype``
     bfloat16 halves the bytes on the wire; the center and the pull x −= α·d_i stay in full precision.
+    ``worker_pull="reset"``: after the center's step every worker lands on the new center plus its own update of this
+    step, x_i ← x_i − d_i + (x̃_new − x̃_old) (local SGD, SlowMo, DiLoCo; :mod:`~lightning_easgd.core.family`).
+    ``sync_steps``: optimizer steps t < N average the gradients over all workers (the caller calls
+    :meth:`average_gradients` between backward and the optimizer's update, while :attr:`synchronous`) and the
+    center follows the identical workers; exchanges then fall on t > N with (t − N) % τ == 0. ``sync_epochs`` is
+    turned into steps by the adapter, once an epoch's length is known (:meth:`set_sync_steps`).
 
     Memory on each rank besides the model, with k ranks per worker: the center slice, the d_i slice and (with more
     than one worker) the reduction slice, ⌈n/k⌉ elements each per bucket of n (float32 for 16-bit tensors), plus
@@ -111,6 +114,7 @@ class ElasticAverager(ElasticWorker):
         **options: Any,
     ) -> None:
         config = config_from(config, options, type(self).__name__)
+        self.worker_pull = config.worker_pull
         self._host = config.center_device
         self._wire_dtype = config.exchange_dtype
         distributed = dist.is_available() and dist.is_initialized()
@@ -134,6 +138,11 @@ class ElasticAverager(ElasticWorker):
         self._follow = [t for name, t in zip(self.names, self.tensors) if name in self._follow_names]
         self._stats_host: Tensor | None = None
         self._pending: _PendingExchange | None = None
+        self._average = GradientAverage(
+            [t for t in self.tensors if not isinstance(t, torch.nn.Parameter)], self.group, self.world_size,
+            self._wait_for, self.ranks_per_worker, self.rank_in_worker,
+            lambda output, part: _all_gather(output, part, self.worker_group))
+        self._sync: bool | None = None  # in a synchronous step: whether its gradients were averaged; else None
 
     def _init_center(self) -> None:
         devices = {b.device for b in self.layout.buckets}
@@ -177,6 +186,33 @@ class ElasticAverager(ElasticWorker):
         return self._shard.nbytes(self._wires)
 
     @property
+    def bytes_per_sync_step(self) -> int:
+        """Bytes each rank sends into the workers' all-reduce of one step of the synchronous start: the gradients of
+        the parameters and the floating-point buffers (1/k of them with k ranks per worker, padded to k slices)."""
+        return self._average.nbytes([t for t in self.tensors if isinstance(t, torch.nn.Parameter)])
+
+    def bytes_sent(self, clock: int | None = None) -> tuple[int, int]:
+        """Bytes this rank sent in steps 0 to ``clock`` − 1 (default: the steps taken so far), as ``(synchronous
+        start, exchanges)``; a function of the clock, so a resumed run counts what an uninterrupted one would."""
+        clock = self.clock if clock is None else clock
+        synchronous = min(clock, self.schedule.sync_steps) * self.bytes_per_sync_step
+        exchanges = self.schedule.exchange_index(clock - 1) * self.bytes_per_exchange if clock > 0 else 0
+        return synchronous, exchanges
+
+    def set_sync_steps(self, sync_steps: int) -> None:
+        """Set the synchronous start's length once it is known (``sync_epochs`` × the steps of an epoch), before
+        training; the config and the schedule stay a function of the clock.
+
+        Raises:
+            RuntimeError: during an optimizer step.
+            ValueError: for an invalid length (as :class:`~lightning_easgd.core.config.ExchangeConfig` checks it).
+        """
+        if self._pending is not None or self._sync is not None:
+            raise RuntimeError("the synchronous start cannot change during an optimizer step")
+        self.config = replace(self.config, sync_steps=sync_steps, sync_epochs=0)
+        self.schedule = self.config.schedule
+
+    @property
     def buffer_bytes(self) -> int:
         """Memory the exchange holds besides the model, wherever it lives (see also :attr:`device_buffer_bytes`)."""
         return self._slice_bytes() + self._scratch_bytes()
@@ -197,9 +233,39 @@ class ElasticAverager(ElasticWorker):
 
     # ------------------------------------------------------------------ the exchange
 
+    @property
+    def synchronous(self) -> bool:
+        """Whether the next optimizer step belongs to the synchronous start (its gradients must be averaged)."""
+        return self.schedule.synchronous(self.clock)
+
+    def average_gradients(self, parameters: Sequence[Tensor]) -> None:
+        """In a step of the synchronous start, between backward and the optimizer's update: average the gradients
+        of ``parameters`` (the stepping optimizer's) and the floating-point buffers over all workers. A second call
+        in the same step (e.g. clipping, then the update) does nothing; outside the synchronous start it raises."""
+        if self._sync is None:
+            raise RuntimeError(
+                f"average_gradients() was called outside a step of the synchronous start (step {self.clock}, "
+                f"sync_steps={self.schedule.sync_steps}); call it inside `with averager.step():` while "
+                "`averager.synchronous` is True"
+            )
+        if not self._sync:
+            self._sync_followers()
+            self._average(parameters)
+            self._sync = True
+
+    @override
+    def _abandon(self) -> None:
+        super()._abandon()
+        self._sync = None
+
     @override
     def _begin(self) -> None:
         self._check_can_step()
+        if self._sync is not None:
+            raise RuntimeError(f"{type(self).__name__}.step() was entered again before the previous step finished")
+        if self.synchronous:
+            self._sync = False
+            return
         if not self.exchange_due:
             return
         with torch.no_grad():
@@ -262,13 +328,28 @@ class ElasticAverager(ElasticWorker):
 
     @override
     def _end(self) -> None:
-        if self._pending is not None:
+        if self._sync is not None:
+            averaged, self._sync = self._sync, None
+            if not averaged:
+                raise RuntimeError(
+                    f"optimizer step {self.clock} belongs to the synchronous start (sync_steps="
+                    f"{self.schedule.sync_steps}) but ended without average_gradients(): the workers would drift apart"
+                )
+            with torch.no_grad():
+                self._capture(self._center)  # the workers are identical: the center follows them
+        elif self._pending is not None:
             self._wait()
             stats = self._pending.stats
             with torch.no_grad():
                 if self.world_size > 1:
-                    # An overflowing sum (finite inputs, inf total) must not reach the center either.
-                    stats[-1] = self._squared_norm(self._sum).to(stats.device)
+                    # An overflowing sum (finite inputs, inf total) must not reach the center either. With worker
+                    # groups each rank sums only its slice: the check is summed over the worker (on the device, no
+                    # host wait) so that all its ranks take the same decision; one raising while the others wait in
+                    # the gather of the pull would hang them.
+                    check = self._squared_norm(self._sum).to(stats.device)
+                    if self.ranks_per_worker > 1:
+                        self._wait_for([dist.all_reduce(check, group=self.worker_group, async_op=True)])
+                    stats[-1] = check
             values = self._read(stats)
             self._pending = None
             p = self.world_size
@@ -295,6 +376,9 @@ class ElasticAverager(ElasticWorker):
                         center.add_(total, alpha=self.alpha)
                 if self.rank in flagged:
                     self._expand(self._center, torch._foreach_copy_)
+                elif self.worker_pull == "reset":  # x_i ← x_i' − (d_i − (x̃_new − x̃_old))
+                    subtract_center_step(self._diff, self._sum, self.alpha, self.center_momentum)
+                    self._expand(self._diff, torch._foreach_sub_)
                 else:
                     alpha = self.alpha
                     self._expand(self._diff, lambda xs, ds: torch._foreach_add_(xs, ds, alpha=-alpha))
@@ -443,6 +527,60 @@ class ElasticAverager(ElasticWorker):
                 out[index].copy_(flat[: out[index].numel()])
         return self.layout.views(out)
 
+    def checkpoint_center(self, writer: bool) -> list[Tensor] | None:
+        """As :meth:`ElasticWorker.checkpoint_center`; with worker groups the center's slices are gathered to the
+        writer only, bucket by bucket into host memory, and the other ranks get None (they allocate nothing)."""
+        if self.ranks_per_worker == 1:
+            return super().checkpoint_center(writer)
+        return self._gathered_on_writer(self._center, writer)
+
+    def checkpoint_velocity(self, writer: bool) -> dict[str, Tensor] | None:
+        """As :meth:`ElasticWorker.checkpoint_velocity`, gathered to the writer only with worker groups."""
+        if self.ranks_per_worker == 1 or self.center_momentum is None:
+            return super().checkpoint_velocity(writer)
+        values = self._gathered_on_writer(self.center_momentum.velocity, writer)
+        return None if values is None else dict(zip(self.names, values))
+
+    def checkpoint_local(self) -> list[Tensor] | None:
+        """As :meth:`ElasticWorker.checkpoint_local`; while the center is swapped in with worker groups, the local
+        values' slices are gathered to the worker's first rank only, into host memory (None on its other ranks)."""
+        if self.ranks_per_worker == 1 or not self._center_in_use:
+            return super().checkpoint_local()
+        return self._gathered_on_writer(self._diff, self.rank_in_worker == 0, every_worker=True)
+
+    def _gathered_on_writer(self, slices: list[Tensor], writer: bool, every_worker: bool = False
+                            ) -> list[Tensor] | None:
+        """The full values of the worker's ``slices`` in host memory on ``writer``, which must be its worker's first
+        rank (and, unless ``every_worker``, in worker 0: global rank 0, the main file's writer); None on every other
+        rank. Collective within the worker group (worker 0's only, unless ``every_worker``): its ranks send their
+        slices bucket by bucket into the writer's one-bucket gather buffer, which is copied to the host before the
+        next bucket, so no rank holds more than one bucket of it on the device."""
+        if writer and (self.rank_in_worker != 0 or not (every_worker or self.rank == 0)):
+            raise ValueError(
+                f"the writer must be the first rank of {'its worker' if every_worker else 'worker 0'}, not rank "
+                f"{self.rank_in_worker} of worker {self.rank}"
+            )
+        if not every_worker and self.rank != 0:  # another worker: nothing to send
+            return None
+        assert self._gather is not None
+        k = self.ranks_per_worker
+        out = [torch.empty(b.numel, dtype=s.dtype, device="cpu") for b, s in zip(self.layout.buckets, slices)
+               ] if writer else None
+        with torch.no_grad():
+            for index, flat in enumerate(slices):
+                if self._host is not None:  # host slices travel through the device, as in an exchange
+                    staged = self._staged(index, flat.dtype)
+                    staged.copy_(flat)
+                    flat = staged
+                full = self._gather[: flat.numel() * k * flat.element_size()].view(flat.dtype)
+                parts = list(full.view(k, -1).unbind(0)) if writer else None
+                work = dist.gather(flat, parts, group=self.worker_group, group_dst=0, async_op=True)
+                assert work is not None
+                self._wait_for([work], "the checkpoint was not written")
+                if out is not None:
+                    out[index].copy_(full[: out[index].numel()])
+        return None if out is None else self.layout.views(out)
+
     # ------------------------------------------------------------------ statistics
 
     def _squared_norm(self, tensors: Sequence[Tensor]) -> Tensor:
@@ -479,16 +617,13 @@ class ElasticAverager(ElasticWorker):
         return stats
 
     def _read(self, stats: Tensor) -> Tensor:
-        """The statistics on the host: the exchange's one host synchronisation, through a pinned buffer on CUDA."""
+        """The statistics on the host: the exchange's one host synchronisation, through a pinned buffer on CUDA
+        (a sleeping wait on the statistics' device's stream, see :func:`~lightning_easgd.core.staging.copy_to_host`)."""
         if stats.device.type != "cuda":
             return stats
         if self._stats_host is None or self._stats_host.numel() != stats.numel():
-            self._stats_host = torch.empty(stats.numel(), dtype=stats.dtype, pin_memory=True)
-        self._stats_host.copy_(stats, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        done.synchronize()
-        return self._stats_host
+            self._stats_host = pinned_empty(stats.numel(), stats.dtype)
+        return copy_to_host(self._stats_host, stats)
 
     def _record_stats(self, values: Tensor) -> None:
         p = self.world_size

@@ -17,11 +17,19 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_easgd.core.pinned import pinned_empty
+
 DEFAULT_BUCKET_CAP_MB = 25.0
 """Bucket size for host tensors (gloo), where it was measured to be as fast as one flat buffer."""
 DEFAULT_CUDA_BUCKET_CAP_MB = 256.0
 """Bucket size for CUDA tensors: NCCL's per-call cost is paid ~100 times for a 7 B-parameter float32 model instead
 of ~1,100 times with 25 MB, and the one transient bucket the sharded exchange needs stays small next to the model."""
+
+
+def master_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the center and d_i are kept in: float32 for 16-bit tensors (a bf16 center would lose the small
+    α·Σd updates and an fp16 sum can overflow), the tensors' own dtype otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def resolve_bucket_cap_mb(bucket_cap_mb: float | None, tensors: Sequence[Tensor]) -> float:
@@ -84,9 +92,16 @@ class FlatLayout:
         """Bytes one copy of all tensors occupies (what one exchange all-reduces)."""
         return sum(b.numel * torch.empty((), dtype=b.dtype).element_size() for b in self.buckets)
 
-    def allocate(self) -> list[Tensor]:
-        """One zero-filled flat buffer per bucket."""
-        return [torch.zeros(b.numel, device=b.device, dtype=b.dtype) for b in self.buckets]
+    def allocate(self, dtypes: Sequence[torch.dtype] | None = None) -> list[Tensor]:
+        """One zero-filled flat buffer per bucket, in the bucket's dtype or ``dtypes[b]``."""
+        if dtypes is None:
+            dtypes = [b.dtype for b in self.buckets]
+        return [torch.zeros(b.numel, device=b.device, dtype=dtype) for b, dtype in zip(self.buckets, dtypes)]
+
+    @property
+    def master_dtypes(self) -> list[torch.dtype]:
+        """Per bucket, the dtype a center of these tensors is kept in (:func:`master_dtype`)."""
+        return [master_dtype(b.dtype) for b in self.buckets]
 
     def views(self, flats: Sequence[Tensor]) -> list[Tensor]:
         """Per-tensor views into ``flats``, in the order of the tensors the layout was built from."""
@@ -148,9 +163,11 @@ class ShardLayout:
 
     def allocate(self, dtypes: Sequence[torch.dtype], device: torch.device | None = None,
                  pin: bool = False) -> list[Tensor]:
-        """One zero-filled slice per bucket, in ``dtypes[b]``, on the bucket's device unless ``device`` is given."""
+        """One zero-filled slice per bucket, in ``dtypes[b]``, on the bucket's device unless ``device`` is given;
+        ``pin``: page-locked host memory of the slice's exact size (:func:`~lightning_easgd.core.pinned.pinned_empty`)."""
         return [
-            torch.zeros(n, dtype=dtype, device=bucket.device if device is None else device, pin_memory=pin)
+            pinned_empty(n, dtype) if pin else
+            torch.zeros(n, dtype=dtype, device=bucket.device if device is None else device)
             for bucket, n, dtype in zip(self.layout.buckets, self.slice_numels, dtypes)
         ]
 

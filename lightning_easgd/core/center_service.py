@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.distributed import rpc
 from torch.futures import Future
 
+from lightning_easgd.core.buckets import master_dtype
 from lightning_easgd.core.worker import ExchangeError
 
 RENDEZVOUS_SCHEME = "easgd-center"
@@ -90,8 +91,12 @@ class ExchangeReply:
 class CenterShard:
     """One rank's slice of the center: one 1-D host tensor per (device, dtype) group of the flattened parameters.
 
+    The slice is kept in float32 for 16-bit groups (:func:`~lightning_easgd.core.buckets.master_dtype`): workers
+    send x in their own dtype, and x − x̃ and the update x̃ += α·(x − x̃) are computed in the slice's dtype, so that
+    updates smaller than a 16-bit spacing still move the center. Replies carry x − x̃ in that dtype too.
+
     Args:
-        values: this rank's slice of each group's flat center (copied).
+        values: this rank's slice of each group's flat center (copied, into float32 for 16-bit values).
         segments: per group, ``(tensor index, start, stop)`` of every tensor piece inside this slice, so that the
             shard can report per-tensor distances.
         num_tensors: number of tensors in the model's layout.
@@ -108,7 +113,7 @@ class CenterShard:
         num_workers: int,
         alpha: float,
     ) -> None:
-        self.values = [v.detach().to("cpu", copy=True).contiguous() for v in values]
+        self.values = [v.detach().to("cpu", dtype=master_dtype(v.dtype), copy=True).contiguous() for v in values]
         self._segments = [list(s) for s in segments]
         self._alpha = alpha
         self._lock = threading.Lock()
@@ -142,7 +147,7 @@ class CenterShard:
 
     def _apply(self, worker: int, x: list[Tensor]) -> ExchangeReply:
         # Whole-slice and foreach passes, each on torch's intra-op threads (RPC threads share the process's count).
-        diffs = torch._foreach_sub(x, self.values)
+        diffs = torch._foreach_sub([xi.to(v.dtype) for xi, v in zip(x, self.values)], self.values)
         center_sq = float(torch.stack(torch._foreach_norm(self.values, 2, dtype=torch.float64)).square().sum())
         row = self._worker_sq[worker].zero_()
         if self._piece_index.numel():

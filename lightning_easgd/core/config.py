@@ -24,6 +24,13 @@ from lightning_easgd.core.center_momentum import (
     validate_center_momentum,
     validate_center_nesterov,
 )
+from lightning_easgd.core.family import (
+    WorkerPull,
+    check_reset_beta,
+    validate_steps,
+    validate_sync_start,
+    validate_worker_pull,
+)
 from lightning_easgd.core.hyperparams import DEFAULT_BETA, resolve_alpha, validate_alpha, validate_beta
 from lightning_easgd.core.schedule import ExchangeSchedule
 
@@ -100,6 +107,14 @@ def validate_flag(name: str) -> Callable[[object], bool]:
     return check
 
 
+def _sync_steps(sync_steps: object) -> int:
+    return validate_steps(sync_steps, "sync_steps", "optimizer steps")
+
+
+def _sync_epochs(sync_epochs: object) -> int:
+    return validate_steps(sync_epochs, "sync_epochs", "epochs")
+
+
 def _unchecked(value: Any) -> Any:
     return value
 
@@ -130,7 +145,13 @@ class ExchangeConfig:
         per_tensor_distances: the exchange also measures every tensor's distance to the center. It changes the size
             of the exchange's all-reduce, so it is part of the configuration, identical on every rank, and not a
             switch a rank could flip alone.
-        schedule: the exchange schedule built from ``tau``, ``warmup_steps`` and ``warmup_tau`` (not an argument).
+        worker_pull: ``"elastic"`` (the paper's pull x_i −= α·d_i) or ``"reset"`` (workers land on the new center
+            plus their own update: local SGD, SlowMo, DiLoCo; :mod:`~lightning_easgd.core.family`).
+        sync_steps, sync_epochs: the length of a synchronous start (gradients averaged over all workers), in
+            optimizer steps or in epochs (one of them; 0: none; not with a warm-up). ``sync_epochs`` is turned into
+            steps by the adapter once an epoch's length is known.
+        schedule: the exchange schedule built from ``tau``, ``warmup_steps``, ``warmup_tau`` and ``sync_steps`` (not
+            an argument).
 
     Raises:
         ValueError: naming the first invalid option, the value given and what is allowed.
@@ -150,6 +171,9 @@ class ExchangeConfig:
     on_nonfinite: NonFinitePolicy = field(default="raise", metadata=check(_on_nonfinite))
     timeout: timedelta | None = field(default=None, metadata=check(_timeout))
     per_tensor_distances: bool = field(default=False, metadata=check(validate_flag("per_tensor_distances")))
+    worker_pull: WorkerPull = field(default="elastic", metadata=check(validate_worker_pull))
+    sync_steps: int = field(default=0, metadata=check(_sync_steps))  # with sync_epochs and the warm-up in __post_init__
+    sync_epochs: int = field(default=0, metadata=check(_sync_epochs))
     schedule: ExchangeSchedule = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -157,6 +181,9 @@ class ExchangeConfig:
         for f in fields(self):
             if f.init:
                 object.__setattr__(self, f.name, f.metadata["check"](getattr(self, f.name)))
+        validate_sync_start(self.sync_steps, self.sync_epochs, schedule.warmup_steps)
+        if self.sync_steps:
+            schedule = ExchangeSchedule(self.tau, self.warmup_steps, self.warmup_tau, self.sync_steps)
         object.__setattr__(self, "schedule", schedule)
         for name in ("tau", "warmup_steps", "warmup_tau"):
             object.__setattr__(self, name, getattr(schedule, name))
@@ -188,9 +215,19 @@ class ExchangeConfig:
         """Refuse an α that makes β = p·α unstable for ``num_workers`` workers (with center momentum: the center's
         own iteration), and return a warning when the center overshoots the workers' mean, else None.
 
+        With ``worker_pull="reset"`` β is the outer learning rate: α = β/p is only the weight of Σ_i d_i in the center's
+        step (not a pull toward it, so not bound to (0, 1); one worker may take β ≥ 1), β must stay below the reset
+        rule's bound (:func:`~lightning_easgd.core.family.check_reset_beta`) and β > 1 is a choice, not warned about.
+
         Raises:
-            ValueError: for β = p·α ≥ 2 (without center momentum) or beyond the center momentum's bound.
+            ValueError: for β = p·α ≥ 2 (without center momentum) or beyond the center momentum's (or the reset
+                rule's) bound.
         """
+        if self.worker_pull == "reset":
+            if num_workers < 1:
+                raise ValueError(f"world_size={num_workers!r} is invalid: EASGD needs at least one worker")
+            check_reset_beta(num_workers * self.moving_rate(num_workers), self.center_momentum, self.center_nesterov)
+            return None
         alpha, warning = resolve_alpha(self.alpha, self.beta, num_workers)
         if self.center_momentum:  # momentum moves the overshoot threshold (and the divergence bound)
             warning = check_center_momentum(num_workers * alpha, self.center_momentum, self.center_nesterov)

@@ -5,6 +5,9 @@ pinned (page-locked) host memory, so that they are real DMA transfers: a downloa
 the work queued before them (never a full device synchronisation, never work queued later), and an upload costs
 the host no wait at all, the compute stream waiting on the device for the copies it needs. On the CPU they are
 plain copies.
+
+Every event the host waits on is created with ``blocking=True``: its ``synchronize()`` puts the host thread to sleep
+until the device signals it, instead of spinning a CPU core that the data loader and other ranks need.
 """
 
 from __future__ import annotations
@@ -13,6 +16,27 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from lightning_easgd.core.pinned import pinned_empty
+
+
+def blocking_event(stream: torch.cuda.Stream) -> torch.cuda.Event:
+    """An event recorded on ``stream`` now, whose ``synchronize()`` sleeps instead of busy-waiting on the host."""
+    event = torch.cuda.Event(blocking=True)
+    event.record(stream)
+    return event
+
+
+def copy_to_host(dst: Tensor, src: Tensor) -> Tensor:
+    """Copy the CUDA tensor ``src`` into the pinned host tensor ``dst`` and return ``dst`` once the values are there.
+
+    The copy is queued on ``src``'s device's current stream (where torch runs a copy out of that device, also when
+    another device is current), so the event it waits on is recorded on that stream: recorded on the current
+    device's stream instead, it would fire without waiting for the copy, and ``dst`` would be read stale.
+    """
+    dst.copy_(src, non_blocking=True)
+    blocking_event(torch.cuda.current_stream(src.device)).synchronize()
+    return dst
 
 
 class HostStaging:
@@ -29,8 +53,9 @@ class HostStaging:
         self._uploads: list[torch.cuda.Event] = []  # the host sources of the last upload are read until these fire
 
     def empty(self, numel: int, dtype: torch.dtype) -> Tensor:
-        """A host buffer, pinned when the worker trains on CUDA (so that copies to and from it are asynchronous)."""
-        return torch.empty(numel, dtype=dtype, pin_memory=self.pinned)
+        """A zero-filled host buffer, pinned (to its exact size) when the worker trains on CUDA, so that copies to and
+        from it are asynchronous."""
+        return pinned_empty(numel, dtype) if self.pinned else torch.zeros(numel, dtype=dtype)
 
     def download(self, pairs: Sequence[tuple[Tensor, Tensor]]) -> None:
         """Copy every ``(host, device)`` pair's device tensor into its host tensor; return when all are there.
@@ -50,7 +75,7 @@ class HostStaging:
             with torch.cuda.stream(stream):
                 for dst, src in mine:
                     dst.copy_(src, non_blocking=True)
-                events.append(stream.record_event())
+                events.append(blocking_event(stream))
         for event in events:
             event.synchronize()
 
@@ -74,7 +99,7 @@ class HostStaging:
             with torch.cuda.stream(stream):
                 for dst, src in mine:
                     dst.copy_(src, non_blocking=True)
-                event = stream.record_event()
+                event = blocking_event(stream)
             current.wait_event(event)
             self._uploads.append(event)
 

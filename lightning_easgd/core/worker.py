@@ -146,8 +146,10 @@ class ElasticWorker:
 
     def _init_center(self) -> None:
         """Allocate this worker's copy of the center and start it at the tensors' values (all ranks agree on them).
-        The default is a complete copy in the layout's buckets; an exchange that keeps only a slice overrides it."""
-        self._center = self.layout.allocate()
+        The default is a complete copy in the layout's buckets, in float32 for 16-bit tensors (as the synchronous
+        averager keeps it: a 16-bit center drops updates α·d smaller than half its spacing, and stops moving); an
+        exchange that keeps only a slice overrides it."""
+        self._center = self.layout.allocate(self.layout.master_dtypes)
         self._center_views = self.layout.views(self._center)
         with torch.no_grad():
             torch._foreach_copy_(self._center_views, self.tensors)
@@ -297,6 +299,28 @@ class ElasticWorker:
         if self.center_momentum is None:
             return None
         return dict(zip(self.names, self._full_values(self.center_momentum.velocity)))
+
+    def checkpoint_center(self, writer: bool) -> list[Tensor] | None:
+        """The center for a checkpoint file, one tensor per averaged tensor: host copies on the rank that writes the
+        file (``writer``), views that cost nothing on the other ranks (an exchange that would have to allocate a
+        copy there returns None instead). Every rank calls it (collective where the center is sharded)."""
+        values = self.center_values()
+        return [v.detach().to("cpu", copy=True) for v in values] if writer else values
+
+    def checkpoint_local(self) -> list[Tensor] | None:
+        """This worker's own values for its worker file, also while the center is swapped in: on the rank that
+        writes the file (its worker's first rank) tensors the caller copies to the host; None where providing them
+        would cost a copy on a rank that does not write. Every rank of the worker calls it (collective where the
+        values are sharded)."""
+        return self.local_values()
+
+    def checkpoint_velocity(self, writer: bool) -> dict[str, Tensor] | None:
+        """The center momentum's velocity for a checkpoint file, by name, as :meth:`checkpoint_center` gives the
+        center; None without center momentum (and where it would cost a copy on a rank that does not write)."""
+        velocity = self.center_velocity()
+        if velocity is None or not writer:
+            return velocity
+        return {name: v.detach().to("cpu", copy=True) for name, v in velocity.items()}
 
     def load_center_velocity(self, velocity: Mapping[str, Tensor] | None) -> None:
         """Restore :meth:`center_velocity`'s output on every rank; None (a state saved without center momentum)

@@ -18,10 +18,9 @@ forward, the backward and the optimizer update.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from datetime import timedelta
-from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -30,9 +29,8 @@ from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, Precision
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import DDPStrategy
 from lightning.fabric.strategies.registry import _StrategyRegistry
-from lightning.fabric.strategies.strategy import _BackwardSyncControl
-from lightning.fabric.utilities.rank_zero import rank_zero_warn
-from lightning.fabric.utilities.types import _PATH, Optimizable
+from lightning.fabric.strategies.strategy import _BackwardSyncControl, _validate_keys_for_strict_loading
+from lightning.fabric.utilities.types import _PATH, Optimizable, _Stateful
 from torch.nn import Module
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
@@ -41,21 +39,11 @@ from typing_extensions import override
 
 from lightning_easgd.adapter.layout import WorkerLayout
 from lightning_easgd.checkpoint.atomic_io import AtomicCheckpointIO
-from lightning_easgd.checkpoint.rng import restore_rng_state
-from lightning_easgd.checkpoint.worker_files import (
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_KEY,
-    WorkerFiles,
-    center_state,
-    check_section,
-    checkpoint_section,
-    describe_more_ranks,
-    describe_resize,
-    resume_center_velocity,
-    worker_file_name,
-    worker_file_state,
-)
+from lightning_easgd.checkpoint.routines import WorkerCheckpointing, hyperparameters_only
+from lightning_easgd.checkpoint.section import CHECKPOINT_KEY, check_section
+from lightning_easgd.checkpoint.worker_files import CHECKPOINT_FORMAT
 from lightning_easgd.core import DEFAULT_BETA, ElasticAverager, ExchangeConfig
+from lightning_easgd.core.family import WorkerPull
 from lightning_easgd.core.worker import NonFinitePolicy
 
 
@@ -104,6 +92,12 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
         center_device, exchange_dtype, center_momentum, center_nesterov, warmup_steps, warmup_tau: as for
             :class:`~lightning_easgd.EASGDStrategy` (a host-resident center, a bfloat16 exchange, momentum on the
             center, whose velocity travels in ``fabric.save`` checkpoints, and a warm-up exchange schedule).
+        worker_pull, sync_steps: as for :class:`~lightning_easgd.EASGDStrategy` (the reset rule of local SGD, SlowMo
+            and DiLoCo; a synchronous start). In the synchronous start the gradients are averaged over the workers at
+            ``fabric.clip_gradients`` if the step clips (so clipping sees DDP's averaged gradients), else at
+            ``optimizer.step()`` (inside the closure when one is passed).
+        sync_epochs: refused unless 0: Fabric never sees the loop's length, so pass
+            ``sync_steps = epochs × optimizer steps per epoch`` instead.
         timeout: how long collectives, the exchange included, may wait for a peer before failing with an error.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision, process_group_backend,
         start_method: as for :class:`~lightning.fabric.strategies.DDPStrategy`; ``checkpoint_io`` defaults to
@@ -139,6 +133,9 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
         warmup_steps: int = 0,
         warmup_tau: int = 1,
         per_tensor_distances: bool = False,
+        worker_pull: WorkerPull = "elastic",
+        sync_steps: int = 0,
+        sync_epochs: int = 0,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -151,6 +148,12 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
     ) -> None:
         self._keep_options(locals())  # the adapter's own options, and those this class does not implement
         self.config = ExchangeConfig.from_options(locals())  # the exchange's options, validated once, in the core
+        if self.config.sync_epochs:
+            raise ValueError(
+                f"{type(self).__name__} does not accept sync_epochs={self.config.sync_epochs}: Fabric never sees the "
+                "training loop's length, so the epochs cannot be turned into optimizer steps; pass sync_steps = "
+                "epochs x optimizer steps per epoch instead"
+            )
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -162,7 +165,7 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
             start_method=start_method,
         )
         self._backward_sync_control = _WorkerGradientSync()
-        self._files = WorkerFiles(self)
+        self._checkpointing = WorkerCheckpointing(self)
         self._averager: ElasticAverager | None = None
         self._module: Module | None = None
         self._wrapped: Module | None = None  # what setup_module returned: the module, or its DDP in a worker group
@@ -216,7 +219,10 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
     def _open_step_on_forward(self, module: Module, args: Any) -> None:
         # The first training forward after a step opens the next one: d_i is measured before this forward updates
         # any buffer, and the all-reduce overlaps the forward and backward. Evaluation passes (eval mode or no grad)
-        # and passes on the swapped-in center do not count.
+        # and passes on the swapped-in center do not count. A training-mode forward may change buffers (BatchNorm)
+        # without a step: a save after it writes its own worker files rather than sharing the last save's.
+        if module.training:
+            self._checkpointing.touch()
         if self._step is None and module.training and torch.is_grad_enabled():
             assert self._averager is not None
             if not self._averager.center_in_use:
@@ -242,11 +248,54 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
         step = self._open_step()
         try:
             with step:
+                assert self._averager is not None
+                if self._averager.synchronous:
+                    kwargs = self._average_gradients(optimizer, kwargs)
                 output = super().optimizer_step(optimizer, **kwargs)
         finally:
             self._step, self._exchange_in_flight = None, False
         self._apply_resets(self._optimizers)
         return output
+
+    def _average_gradients(self, optimizer: Optimizable, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The synchronous start's gradient average for ``optimizer``'s parameters: now, or after the closure that
+        ``optimizer.step(closure)`` computes the gradients in. Returns the step's keyword arguments."""
+        averager = self._require_averager("optimizer.step()")
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        closure = kwargs.get("closure")
+        if closure is None:
+            averager.average_gradients(parameters)
+            return kwargs
+
+        def averaged() -> Any:
+            output = closure()
+            averager.average_gradients(parameters)
+            return output
+
+        return {**kwargs, "closure": averaged}
+
+    def _average_before_clipping(self, optimizer: Optimizer) -> None:
+        """In the synchronous start, clip DDP's averaged gradients rather than this worker's own."""
+        if self._averager is not None and self._averager.synchronous:
+            self._open_step()
+            self._average_gradients(optimizer, {})
+
+    @override
+    def clip_gradients_norm(
+        self,
+        module: Module,
+        optimizer: Optimizer,
+        max_norm: float,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = True,
+    ) -> torch.Tensor:
+        self._average_before_clipping(optimizer)
+        return super().clip_gradients_norm(module, optimizer, max_norm, norm_type, error_if_nonfinite)
+
+    @override
+    def clip_gradients_value(self, module: Module, optimizer: Optimizer, clip_val: float) -> None:
+        self._average_before_clipping(optimizer)
+        super().clip_gradients_value(module, optimizer, clip_val)
 
     # ------------------------------------------------------------------ the center
 
@@ -294,7 +343,7 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
         """Whether ``obj`` is the set-up model (Fabric hands the strategy the DDP wrapper in a worker group)."""
         return self._module is not None and (obj is self._module or obj is self._wrapped)
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints (checkpoint/routines.py)
 
     @override
     def get_module_state_dict(self, module: Module) -> dict[str, Any]:
@@ -302,7 +351,7 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
         state = super().get_module_state_dict(module)
         if not self._is_set_up(module) or self._averager is None:
             return state
-        return center_state(state, self._state_keys, self._averager.center_values(), self.is_global_zero)
+        return self._checkpointing.center_state(self._averager, state)
 
     @override
     def save_checkpoint(
@@ -313,7 +362,8 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
         filter: dict[str, Any] | None = None,
     ) -> None:
         """Rank 0 writes the center (as the model's entry), the user's other entries and EASGD's metadata; with
-        ``save_worker_states`` every rank first writes its own state to its own file (collective)."""
+        ``save_worker_states`` every rank first writes its own state to its own file (collective), and the main
+        file keeps only the optimizers' hyperparameters."""
         averager = self._averager
         if averager is None:
             super().save_checkpoint(path, state, storage_options, filter)
@@ -326,31 +376,22 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
                 "with EASGD; its entry carries the center, so include it (e.g. state={'model': model, ...})"
             )
         self._refuse_in_flight("fabric.save()")
-        section = checkpoint_section(averager, world_size=self.world_size, num_workers=self.num_workers,
-                                     ranks_per_worker=self.ranks_per_worker, tau=self.tau, writer=self.is_global_zero)
-        save_id = None
-        if self.save_worker_states:
-            save_id = self._files.new_save_id(averager.clock)
-            self._files.write(path, save_id, self.worker_index, partial(self._worker_state, save_id), storage_options)
-            section["save_id"] = save_id
-            section["worker_files"] = [worker_file_name(path, save_id, g) for g in range(self.num_workers)]
+        assert self._module is not None
+        optimizer_states = [opt.state_dict() for opt in self._optimizers]
+        section = self._checkpointing.save(path, averager, module_state=self._module.state_dict,
+                                           optimizer_states=optimizer_states, storage_options=storage_options)
+        if "worker_files" in section:
+            # Rank 0's per-parameter state (CUDA tensors on its GPU) would otherwise be loaded by every rank.
+            stripped = {id(opt): hyperparameters_only(s) for opt, s in zip(self._optimizers, optimizer_states)}
+            state = {key: stripped.get(id(obj), obj) for key, obj in state.items()}
         super().save_checkpoint(path, {**state, CHECKPOINT_KEY: section}, storage_options, filter)
-        self._files.prune(path, save_id)
-
-    def _worker_state(self, save_id: str) -> dict[str, Any] | None:
-        """This worker's file (on its first rank; None on its other ranks, which send it their RNG states)."""
-        assert self._averager is not None and self._module is not None and self._topology is not None
-        return worker_file_state(
-            save_id=save_id, worker=self.worker_index, num_workers=self.num_workers,
-            ranks_per_worker=self._topology.ranks_per_worker, worker_group=self._topology.worker_group,
-            rank_in_worker=self.rank_in_worker, module_state=self._module.state_dict(), keys=self._state_keys,
-            local=self._averager.local_values(), optimizer_states=[opt.state_dict() for opt in self._optimizers],
-        )
+        self._checkpointing.saved(path, section)
 
     @override
     def load_module_state_dict(self, module: Module, state_dict: dict[str, Any], strict: bool = True) -> None:
         """Loading weights into the set-up model moves the center and this worker there (every rank loads the same
-        file, so the center stays identical everywhere)."""
+        file, so the center stays identical everywhere). The center takes the given values as they are, before
+        the model's precision rounds them."""
         if not self._is_set_up(module) or self._averager is None:
             super().load_module_state_dict(module, state_dict, strict)
             return
@@ -359,8 +400,9 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
         self._refuse_in_flight("loading the model's weights")
         super().load_module_state_dict(module, state_dict, strict)
         assert self._module is not None
+        self._checkpointing.touch()
         current = self._module.state_dict()
-        center = {name: current[name] for name in self._averager.names}
+        center = {name: state_dict.get(name, current[name]) for name in self._averager.names}
         self._averager.load_state_dict({"clock": self._averager.clock, "center": center})
 
     @override
@@ -372,55 +414,39 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
         """Restore the center and the clock, and give every worker back its own weights, optimizer state and RNG
-        state (workers the checkpoint did not have start from the center with empty optimizer state)."""
+        state (workers the checkpoint did not have start from the center with empty optimizer state). Every rank
+        reads the main file into host memory (``map_location="cpu"``), not onto the device it was saved from."""
         if self._averager is None or not isinstance(state, dict) or not state:
             return super().load_checkpoint(path, state, strict, weights_only)
         if self._step is not None:
             raise RuntimeError("fabric.load() was called between a training forward pass and optimizer.step()")
-        remainder = super().load_checkpoint(path, state, strict, weights_only)
+        remainder = self._load_entries(path, state, strict, weights_only)
         section = remainder.pop(CHECKPOINT_KEY, None)
         if section is None or not any(self._is_set_up(obj) for obj in state.values()):
             return remainder
         section = check_section(path, section, formats=(CHECKPOINT_FORMAT,))
-        self._averager.clock = int(section["clock"])
-        resume_center_velocity(self._averager, section.get("center_velocity"))
-        optimizers = [opt for opt in self._optimizers if any(obj is opt for obj in state.values())]
-        self._resume_worker(os.fspath(path), section, optimizers)
+        assert self._module is not None
+        resume = self._checkpointing.resume(os.fspath(path), section, self._averager, self._module)
+        if resume is not None:
+            resume.restore(self._optimizers, only=[obj for obj in state.values() if isinstance(obj, Optimizer)])
         return remainder
 
-    def _resume_worker(self, path: str, section: Mapping[str, Any], optimizers: list[Optimizer]) -> None:
-        assert self._averager is not None and self._module is not None
-        if section.get("worker_files") is None:
-            rank_zero_warn(
-                f"EASGD resume: the checkpoint holds no worker states (saved with save_worker_states=False); all "
-                f"{self.num_workers} workers start from the center."
-            )
-            return
-        saved_p, saved_k = int(section["num_workers"]), int(section["ranks_per_worker"])
-        p, k = self.num_workers, self.topology.ranks_per_worker
-        if saved_p != p:
-            rank_zero_warn(describe_resize(saved_p, p, self._averager.alpha))
-        if k > saved_k:
-            rank_zero_warn(describe_more_ranks(saved_k, k))
-        mine = self._files.read(path, section, self.worker_index)  # collective: all ranks agree on failures
-        if mine is None:
-            # A new worker keeps the optimizers' hyperparameters (rank 0's, from the main file) but no
-            # per-parameter state: momentum belongs to another worker's trajectory.
-            for opt in optimizers:
-                opt.state.clear()
-            return
-        if len(mine["optimizer_states"]) != len(self._optimizers):
-            raise ValueError(
-                f"{path}: worker {self.worker_index}'s file holds {len(mine['optimizer_states'])} optimizer states, "
-                f"but {len(self._optimizers)} optimizers are set up"
-            )
-        self._module.load_state_dict(mine["state_dict"])  # the local weights; the center is untouched
-        for opt, saved in zip(self._optimizers, mine["optimizer_states"]):
-            if opt in optimizers:
-                opt.load_state_dict(saved)
-        rngs, j = mine["rng"], self.rank_in_worker
-        if j < len(rngs):  # else: a rank the saved worker did not have keeps its seeded generators (warned)
-            restore_rng_state(rngs[j])
+    def _load_entries(self, path: _PATH, state: dict[str, Any], strict: bool, weights_only: bool | None
+                      ) -> dict[str, Any]:
+        """Fabric's own restore of ``state``'s entries (``Strategy.load_checkpoint``), from a file read to the host."""
+        torch.cuda.empty_cache()
+        checkpoint = self.checkpoint_io.load_checkpoint(path, map_location="cpu", weights_only=weights_only)
+        _validate_keys_for_strict_loading(state.keys(), checkpoint.keys(), strict=strict)
+        for name, obj in state.copy().items():
+            if name not in checkpoint:
+                continue
+            if isinstance(obj, Module):
+                self.load_module_state_dict(module=obj, state_dict=checkpoint.pop(name), strict=strict)
+            elif isinstance(obj, _Stateful):
+                obj.load_state_dict(checkpoint.pop(name))
+            else:
+                state[name] = checkpoint.pop(name)
+        return checkpoint
 
     # ------------------------------------------------------------------ registration
 

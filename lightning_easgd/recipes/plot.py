@@ -6,10 +6,14 @@ Reads the CSV logs the recipes write (``<run dir>/csv/metrics.csv``) and saves t
   (``time/train_s``: seconds spent training, evaluation excluded), like the paper's Figures 2-5;
 * ``error_vs_epoch.png``: the same error against epochs;
 * ``distance_vs_step.png``: the mean (solid) and largest (dashed) worker-center distance against the optimizer
-  step (``easgd/distance_mean``, ``easgd/distance_max``), for runs that used EASGD.
+  step (``easgd/distance_mean``, ``easgd/distance_max``), for runs that logged an exchange; it is not drawn, and
+  the command says so, when none did (not an EASGD run, or fewer steps than ``tau``).
 
-A RUN_DIR may also be a multirun sweep directory: every ``metrics.csv`` below it is one curve. Curves are labelled
-with the Hydra overrides that differ between the runs (from ``.hydra/overrides.yaml``), or with ``--labels``.
+Series of up to :data:`MARKERS_UP_TO` points get markers, so that a run with a single validation or exchange is
+visible. A RUN_DIR may also be a multirun sweep directory: every ``metrics.csv`` below it is one curve. Curves are
+labelled with the Hydra overrides that differ between the runs (from ``.hydra/overrides.yaml``, ``hydra.*`` left
+out); a run that differs in none, e.g. a single run, with its strategy, tau, p and learning rate (from
+``.hydra/config.yaml``); or with ``--labels``. Errors are one line on stderr and exit status 1.
 With the recipes' default ``data.val_size=0`` the validation split *is* the test split, so the error curves are
 the center's test error, as in the paper.
 """
@@ -23,9 +27,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from omegaconf import OmegaConf
 
-__all__ = ["Run", "find_runs", "main", "plot_runs"]
+__all__ = ["MARKERS_UP_TO", "Run", "find_runs", "main", "plot_runs", "skipped"]
+
+MARKERS_UP_TO = 50
+"""Series with at most this many points are drawn with markers (a one-point line is otherwise invisible)."""
 
 
 @dataclass
@@ -112,14 +121,38 @@ def find_runs(paths: Sequence[str | Path], labels: Sequence[str] | None = None) 
     if labels is not None and len(labels) != len(files):
         raise ValueError(f"got {len(labels)} labels for {len(files)} runs: {[str(f) for f in files]}")
     if labels is None:
-        overrides = [_overrides(f) for f in files]
-        common = set.intersection(*(set(o) for o in overrides)) if all(o is not None for o in overrides) else set()
+        overrides = [[o for o in _overrides(f) or [] if not o.startswith("hydra.")] for f in files]
+        common = set.intersection(*(set(o) for o in overrides)) if len(files) > 1 else set()
         labels = []
         for file, run_overrides in zip(files, overrides):
-            distinct = [o for o in run_overrides or [] if o not in common]
-            run_dir = file.parent.parent if file.parent.name == "csv" else file.parent
-            labels.append(" ".join(distinct) if distinct else run_dir.name)
+            distinct = [o for o in run_overrides if o not in common] if len(files) > 1 else []
+            labels.append(" ".join(distinct) if distinct else _settings(file))
     return [_read(file, label) for file, label in zip(files, labels)]
+
+
+def _run_dir(metrics_csv: Path) -> Path:
+    return metrics_csv.parent.parent if metrics_csv.parent.name == "csv" else metrics_csv.parent
+
+
+def _settings(metrics_csv: Path) -> str:
+    """A label from the run's settings (``.hydra/config.yaml``): strategy, tau, p and learning rate; the run
+    directory's name when there is no config (a CSV copied out of its run)."""
+    config_file = next((parent / ".hydra" / "config.yaml" for parent in metrics_csv.parents
+                        if (parent / ".hydra" / "config.yaml").is_file()), None)
+    if config_file is None:
+        return _run_dir(metrics_csv).name
+    config = OmegaConf.load(config_file)
+
+    def get(key: str) -> object:
+        return OmegaConf.select(config, key, default=None, throw_on_missing=False, throw_on_resolution_failure=False)
+
+    strategy = str(get("strategy._target_") or "").rpartition(".")[2]
+    devices, nodes = get("trainer.devices"), get("trainer.num_nodes") or 1
+    parts = [strategy.removesuffix("Strategy") or None,
+             f"tau={get('strategy.tau')}" if get("strategy.tau") is not None else None,
+             f"p={devices * nodes}" if isinstance(devices, int) and isinstance(nodes, int) else None,
+             f"lr={get('optimizer.lr')}" if get("optimizer.lr") is not None else None]
+    return " ".join(part for part in parts if part) or _run_dir(metrics_csv).name
 
 
 def _save(figure: Figure, path: Path) -> Path:
@@ -128,8 +161,36 @@ def _save(figure: Figure, path: Path) -> Path:
     return path
 
 
+def _marker(points: int, marker: str) -> dict[str, object]:
+    """Markers for a short series: a line through one point draws nothing."""
+    return {"marker": marker, "markersize": 4} if points <= MARKERS_UP_TO else {}
+
+
+def _finish(axes: Axes, x_label: str, y_label: str, title: str) -> None:
+    axes.set_xlabel(x_label)
+    axes.set_ylabel(y_label)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+
+
+def skipped(runs: Sequence[Run]) -> list[str]:
+    """What the figures leave out, one line each: runs without validation, and the distance figure's runs without an
+    exchange (or the whole figure when no run had one)."""
+    lines = [f"{run.label} ({run.path}): no val/acc logged, left out of the error figures" for run in runs
+             if not run.val_error]
+    without = [run for run in runs if not run.distance_mean]
+    if len(without) == len(runs):
+        lines.append("distance_vs_step.png not drawn: no run logged easgd/distance_mean (not an EASGD run with "
+                     "ElasticDistanceMonitor, or fewer optimizer steps than tau, so no exchange)")
+    else:
+        lines += [f"{run.label} ({run.path}): no exchange logged, left out of distance_vs_step.png" for run in without]
+    return lines
+
+
 def plot_runs(runs: Sequence[Run], out_dir: str | Path, title: str | None = None) -> list[Path]:
-    """Draw the figures for ``runs`` into ``out_dir`` and return the files written.
+    """Draw the figures for ``runs`` into ``out_dir`` and return the files written (:func:`skipped` says what was
+    left out).
 
     Raises:
         ValueError: no run logged ``val/acc`` (nothing to draw).
@@ -147,25 +208,21 @@ def plot_runs(runs: Sequence[Run], out_dir: str | Path, title: str | None = None
         axes = figure.add_subplot()
         for run in runs:
             if run.val_error:
-                axes.plot(getattr(run, x_name), run.val_error, marker="o", markersize=3, label=run.label)
-        axes.set_xlabel(x_label)
-        axes.set_ylabel("center top-1 error (%)")
-        axes.set_title(title or "EASGD center error")
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize="small")
+                axes.plot(getattr(run, x_name), run.val_error, label=run.label, **_marker(len(run.val_error), "o"))
+        _finish(axes, x_label, "center top-1 error (%)", title or "EASGD center error")
         written.append(_save(figure, out / file_name))
     with_distance = [run for run in runs if run.distance_mean]
     if with_distance:
         figure = Figure(figsize=(6.4, 4.4))
         axes = figure.add_subplot()
         for run in with_distance:
-            (line,) = axes.plot(run.distance_step, run.distance_mean, label=f"{run.label} (mean)")
-            axes.plot(run.distance_step, run.distance_max, linestyle="--", linewidth=0.8, color=line.get_color())
-        axes.set_xlabel("optimizer step")
-        axes.set_ylabel("worker-center distance ||x_i - center||")
-        axes.set_title(title or "EASGD worker-center distance")
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize="small")
+            points = len(run.distance_step)
+            (line,) = axes.plot(run.distance_step, run.distance_mean, label=f"{run.label} (mean)",
+                                **_marker(points, "o"))
+            axes.plot(run.distance_step, run.distance_max, linestyle="--", linewidth=0.8, color=line.get_color(),
+                      label=f"{run.label} (max)", **_marker(points, "^"))
+        _finish(axes, "optimizer step", "worker-center distance ||x_i - center||",
+                title or "EASGD worker-center distance")
         written.append(_save(figure, out / "distance_vs_step.png"))
     return written
 
@@ -190,10 +247,15 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument("--labels", nargs="+", help="one legend label per run found, in order")
     parser.add_argument("--title", help="figure title")
     args = parser.parse_args(argv)
-    runs = find_runs(args.runs, args.labels)
-    first = Path(args.runs[0])
-    written = plot_runs(runs, args.out or (first.parent if first.is_file() else first), args.title)
+    try:
+        runs = find_runs(args.runs, args.labels)
+        first = Path(args.runs[0])
+        written = plot_runs(runs, args.out or (first.parent if first.is_file() else first), args.title)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"{parser.prog}: error: {error}") from None
     print(_summary(runs))
+    for line in skipped(runs):
+        print(f"note: {line}")
     for path in written:
         print(f"wrote {path}")
     return written

@@ -7,7 +7,9 @@ It only instantiates what the Hydra config describes, so it works unchanged with
 from __future__ import annotations
 
 import csv
-from collections.abc import Mapping
+import shutil
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +23,16 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_easgd.checkpoint.preflight import check_checkpoint
 
 __all__ = ["train"]
 
 _TEST_CKPT_CHOICES = ("last", "best")
 AUTO_RESUME = "auto"
+# ckpt_path values that Lightning resolves itself ("registry" also with a suffix): there is no file to check yet.
+_LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")
 
 
 def _instantiate_named(cfg: DictConfig | None, kind: str) -> list[Any]:
@@ -43,6 +49,46 @@ def _instantiate_named(cfg: DictConfig | None, kind: str) -> list[Any]:
             raise ValueError(f"{kind}.{name} must be a config with a _target_ (or null to disable it), got {node!r}")
         objects.append(instantiate(node))
     return objects
+
+
+@contextmanager
+def _refusals_leave_no_run_dir() -> Iterator[None]:
+    """Remove the run directory Hydra made for a run refused before training (a bad option, an unusable
+    ``ckpt_path``), so that failed attempts leave no folders holding only a config and an empty log.
+
+    A directory holding anything else, e.g. the checkpoints of a run being resumed, is kept. The error itself goes on
+    to Hydra, which prints it.
+    """
+    try:
+        yield
+    except Exception:
+        if HydraConfig.initialized():
+            _remove_hydra_only_run_dir(HydraConfig.get())
+        raise
+
+
+def _remove_hydra_only_run_dir(hydra: DictConfig) -> None:
+    """Remove Hydra's run directory if it holds only what Hydra wrote there: its ``output_subdir`` and the job log."""
+    run_dir = Path(hydra.runtime.output_dir)
+    if not run_dir.is_dir():
+        return
+    own = {hydra.output_subdir, f"{OmegaConf.select(hydra, 'job.name', throw_on_missing=False)}.log"}
+    if {entry.name for entry in run_dir.iterdir()} <= own:
+        shutil.rmtree(run_dir, ignore_errors=True)  # other ranks of a torchrun job may remove it too
+
+
+def _check_devices(cfg: DictConfig) -> None:
+    """Refuse a number of devices below 1 with the values allowed (Lightning's message names none)."""
+    devices = cfg.trainer.get("devices", "auto")
+    text = str(devices).strip()
+    if not isinstance(devices, (int, str)) or isinstance(devices, bool) or not text.lstrip("-").isdigit():
+        return  # "auto", a list of GPU indices or "0,1": Lightning checks these
+    if int(text) < 1 and int(text) != -1:
+        raise ValueError(
+            f"trainer.devices={devices!r} is invalid: give the number of devices per node (an integer >= 1; on CPU "
+            "each is one worker process), -1 or 'auto' for all of a node's GPUs, or a list of GPU indices such as "
+            "[0,1]. The number of EASGD workers is p = trainer.devices x trainer.num_nodes."
+        )
 
 
 def _check_launch(cfg: DictConfig, trainer: pl.Trainer) -> None:
@@ -208,8 +254,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resumes from this run directory's ``last.ckpt`` if a previous attempt left one, ``null`` never resumes), and
     tests the checkpoint chosen by ``test_ckpt``
     (``"last"``: the end of training; ``"best"``: the best ``val/acc``). Under EASGD the checkpoints, and so the
-    test, hold the center variable. Testing from a checkpoint rather than from in-memory weights gives the same
-    answer for every launcher: with fork/spawn only rank 0's *worker* weights return to the launching process.
+    test, hold the center variable. Testing from a checkpoint serves ``test_ckpt=best`` and ``"last"`` alike; after
+    ``fit`` the module itself also holds the center, with every launcher.
 
     Args:
         cfg: The composed Hydra config (see ``conf/cifar10.yaml``).
@@ -219,26 +265,33 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     Raises:
         ValueError: for combinations that cannot work (popen launcher in a multirun, a single-device strategy
-            with several devices, an unknown ``test_ckpt``).
+            with several devices, fewer than one device, an unknown ``test_ckpt``).
+        UnusableCheckpointError: ``ckpt_path`` (or this run's ``last.ckpt`` with ``auto``) is missing, empty,
+            unreadable or lacks worker files; found before any worker starts.
         TypeError: the callbacks include no ``ModelCheckpoint`` that writes the checkpoint ``test_ckpt`` names.
     """
     test_ckpt = cfg.get("test_ckpt", "last")
-    if test_ckpt not in _TEST_CKPT_CHOICES:
-        raise ValueError(f"test_ckpt must be one of {_TEST_CKPT_CHOICES}, got {test_ckpt!r}")
-    if cfg.get("seed") is not None:
-        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    with _refusals_leave_no_run_dir():
+        if test_ckpt not in _TEST_CKPT_CHOICES:
+            raise ValueError(f"test_ckpt must be one of {_TEST_CKPT_CHOICES}, got {test_ckpt!r}")
+        _check_devices(cfg)
+        if cfg.get("seed") is not None:
+            pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    datamodule: pl.LightningDataModule = instantiate(cfg.data)
-    module: pl.LightningModule = instantiate(cfg.module)
-    strategy = instantiate(cfg.strategy)
-    callbacks: list[Callback] = _instantiate_named(cfg.get("callbacks"), "callbacks")
-    loggers: list[Logger] = _instantiate_named(cfg.get("logger"), "logger")
-    trainer: pl.Trainer = instantiate(cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers or False)
-    _check_launch(cfg, trainer)
-    _check_checkpoints(trainer, test_ckpt)
+        datamodule: pl.LightningDataModule = instantiate(cfg.data)
+        module: pl.LightningModule = instantiate(cfg.module)
+        strategy = instantiate(cfg.strategy)
+        callbacks: list[Callback] = _instantiate_named(cfg.get("callbacks"), "callbacks")
+        loggers: list[Logger] = _instantiate_named(cfg.get("logger"), "logger")
+        trainer: pl.Trainer = instantiate(cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers or False)
+        _check_launch(cfg, trainer)
+        _check_checkpoints(trainer, test_ckpt)
+        resume = _resume_path(cfg, trainer)
+        if resume is not None and resume not in _LIGHTNING_CKPT_NAMES and not resume.startswith("registry"):
+            check_checkpoint(resume, entries=("state_dict",))  # here, not in every worker after the launch
 
     _open_csv_logs(trainer.loggers)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, trainer))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     _continue_csv_logs(trainer)
     tested = _test_checkpoint(trainer, test_ckpt)
     results = trainer.test(module, datamodule=datamodule, ckpt_path=tested, verbose=False)

@@ -130,6 +130,15 @@ class AsyncEASGDStrategy(EASGDStrategy):
                 "is updated by each worker's exchange separately on the ranks that own its slices, with no per-round "
                 "increment for a velocity to accumulate; use EASGDStrategy for center momentum"
             )
+        if self.worker_pull != "elastic" or self.sync_steps or self.sync_epochs:
+            given = ", ".join(f"{name}={value!r}" for name, value, default in (
+                ("worker_pull", self.worker_pull, "elastic"), ("sync_steps", self.sync_steps, 0),
+                ("sync_epochs", self.sync_epochs, 0)) if value != default)
+            raise ValueError(
+                f"AsyncEASGDStrategy does not accept {given}: the reset rule needs every worker's difference in one "
+                "round (the asynchronous center takes them one at a time) and a synchronous start averages gradients "
+                "at a barrier every step, which the asynchronous strategy has none of; use EASGDStrategy"
+            )
         self._interrupted = False
 
     @property

@@ -11,7 +11,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
-from lightning_easgd.core import ExchangeStats
+from lightning_easgd.core import ElasticAverager, ExchangeStats
 from lightning_easgd.trainer.strategy import EASGDStrategy
 
 PREFIX = "easgd/"
@@ -30,7 +30,10 @@ class ElasticDistanceMonitor(Callback):
     ``per_rank`` adds ``distance_rank{i}`` and ``relative_distance_rank{i}`` for every worker i; ``per_layer`` adds
     ``layer/<state_dict key>/distance_mean`` and ``.../distance_max`` for every averaged tensor (and
     ``.../distance_rank{i}`` with ``per_rank``). Scalars an exchange algorithm adds to its statistics (such as
-    the asynchronous strategy's center version lag) are logged under ``easgd/`` with their own names.
+    the asynchronous strategy's center version lag) are logged under ``easgd/`` with their own names. With a
+    synchronous start (``sync_steps``/``sync_epochs``), ``bytes_sync`` and ``bytes_exchanges`` are the bytes each rank
+    has sent in the synchronous start and in the exchanges up to and including this one (functions of the step, so
+    a resumed run logs what an uninterrupted one does); the exchanges are numbered from the hand-over.
 
     Like :class:`~lightning.pytorch.callbacks.LearningRateMonitor`, it writes straight to the loggers, so no value
     is lost to ``log_every_n_steps``; use ``log_every_n_exchanges`` to thin the output instead. The most recent
@@ -88,6 +91,10 @@ class ElasticDistanceMonitor(Callback):
             if averager.schedule.exchange_index(stats.step) % self.log_every_n_exchanges:
                 continue
             self.last_metrics = self._metrics(stats, averager.names)
+            if isinstance(averager, ElasticAverager) and averager.schedule.sync_steps:
+                sync, exchanges = averager.bytes_sent(stats.step + 1)
+                self.last_metrics.update({PREFIX + "bytes_sync": float(sync),
+                                          PREFIX + "bytes_exchanges": float(exchanges)})
             for logger in trainer.loggers:
                 logger.log_metrics(self.last_metrics, step=stats.step)
 

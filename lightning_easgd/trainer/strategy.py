@@ -10,6 +10,7 @@ it wraps the module in DistributedDataParallel on the worker's own process group
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from datetime import timedelta
@@ -40,9 +41,10 @@ from typing_extensions import override
 
 from lightning_easgd.adapter.layout import WorkerLayout
 from lightning_easgd.checkpoint.atomic_io import AtomicCheckpointIO
-from lightning_easgd.checkpoint.worker_files import WorkerCheckpoints
-from lightning_easgd.core import DEFAULT_BETA, ExchangeConfig
+from lightning_easgd.core import DEFAULT_BETA, ElasticAverager, ExchangeConfig
+from lightning_easgd.core.family import WorkerPull, steps_for_epochs
 from lightning_easgd.core.worker import ElasticWorker, NonFinitePolicy
+from lightning_easgd.trainer.checkpoints import WorkerCheckpoints
 from lightning_easgd.trainer.guards import PerStepSyncGuard, refuse_weight_averaging
 
 
@@ -117,6 +119,17 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
             ``ElasticDistanceMonitor(per_layer=True)``. It enlarges the exchange's all-reduce, so it is a setting of
             the strategy, the same on every rank (a per-rank switch would make the ranks' all-reduces differ in
             size, which hangs NCCL). Default False.
+        worker_pull: ``"elastic"`` (default: the paper's pull x_i −= α·d_i) or ``"reset"``: at an exchange every
+            worker lands on the new center plus its own update of that step, x_i ← x_i − d_i + (x̃_new − x̃_old), and β
+            is the outer learning rate, allowed in (0, 2) and below the center momentum's bound. Periodic averaging
+            is reset with β = 1; SlowMo adds heavy-ball ``center_momentum``; DiLoCo Nesterov (β = 0.7, μ = 0.9).
+            See docs/family.md.
+        sync_steps: a synchronous start (post-local SGD): optimizer steps t < ``sync_steps`` average the gradients
+            over all workers (DDP's rule; with worker groups sliced across the workers' columns) and the floating-point
+            buffers, so the workers stay identical and the center follows them; exchanges then happen at the steps
+            t > N with (t − N) % tau == 0. 0 (default): none. Not combinable with ``warmup_steps``.
+        sync_epochs: the synchronous start in epochs instead, turned into optimizer steps at the start of ``fit``
+            from the training loader's length (automatic optimization only; at most one of the two).
         timeout: how long collectives, the exchange included, may wait for a peer before failing with an error
             (a dead or stalled worker then stops the run instead of hanging it). Default: 30 minutes. With gloo the
             exchange raises :class:`~lightning_easgd.core.ExchangeError` after it; with NCCL it is the process
@@ -131,11 +144,13 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
 
     Raises:
         ValueError: for an invalid ``tau``, ``alpha``, ``beta``, ``bucket_cap_mb``, ``ranks_per_worker``,
-            ``center_device``, ``exchange_dtype`` or ``start_method``, and for options of DDP that have no meaning
+            ``center_device``, ``exchange_dtype``, ``worker_pull``, ``sync_steps``, ``sync_epochs`` (or both of the
+            last two, or either with ``warmup_steps``) or ``start_method``, and for options of DDP that have no meaning
             here (communication hooks, ``model_averaging_period``, DistributedDataParallel's own arguments such as
             ``find_unused_parameters`` with one rank per worker, and those the strategy sets itself with more). At
-            setup: a world size that ``ranks_per_worker`` does not divide, and a floating-point tensor of the module
-            on another device than the model's.
+            setup: a world size that ``ranks_per_worker`` does not divide, a floating-point tensor of the module
+            on another device than the model's, and with ``worker_pull="reset"`` a β at or beyond the outer step's
+            stability bound. At the start of ``fit``: ``sync_epochs`` where the steps per epoch are unknown.
         TypeError: for any other unknown keyword argument.
     """
 
@@ -158,6 +173,9 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
         warmup_steps: int = 0,
         warmup_tau: int = 1,
         per_tensor_distances: bool = False,
+        worker_pull: WorkerPull = "elastic",
+        sync_steps: int = 0,
+        sync_epochs: int = 0,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -313,10 +331,19 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
         the elastic pull is applied after the optimizer has updated the weights."""
         assert self._averager is not None
         with self._averager.step():
+            if isinstance(self._averager, ElasticAverager) and self._averager.synchronous:
+                closure = _averaging_closure(self._averager, optimizer, closure)
             output = super().optimizer_step(optimizer, closure, model, **kwargs)
         self._sync_guard.check(self.lightning_module.trainer)
         self._apply_resets(self.optimizers)
         return output
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # A training batch may change the worker's state before its optimizer step (BatchNorm statistics, gradient
+        # accumulation): a save after it writes its own worker files instead of sharing an earlier save's.
+        self._checkpoints.touch()
+        super().on_train_batch_start(batch, batch_idx)
 
     @override
     def on_train_start(self) -> None:
@@ -324,6 +351,8 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
         trainer = self.lightning_module.trainer
         # The clock is the number of optimizer steps taken, which Lightning restores on resume.
         self._averager.clock = trainer.global_step
+        if self.sync_epochs and isinstance(self._averager, ElasticAverager):
+            self._averager.set_sync_steps(steps_for_epochs(self.sync_epochs, _steps_per_epoch(trainer)))
         # Lightning 2.6 broadcasts a SIGTERM flag from rank 0 before every training batch
         # (_TrainingEpochLoop._broadcast_sigterm_tensor): a collective on every step that makes every worker wait
         # for the slowest, which EASGD exists to avoid. Each rank checks its own flag instead. SLURM and torchrun
@@ -371,7 +400,7 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
     def on_predict_end(self) -> None:
         self._restore_local()
 
-    # ------------------------------------------------------------------ checkpoints (lightning_easgd/checkpoint/worker_files.py)
+    # ------------------------------------------------------------------ checkpoints (trainer/checkpoints.py)
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -410,8 +439,8 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        if not self._checkpoints.load_optimizer_states(checkpoint):
-            super().load_optimizer_state_dict(checkpoint)
+        super().load_optimizer_state_dict(checkpoint)  # the hyperparameters (and, without worker files, rank 0's state)
+        self._checkpoints.restore_optimizers()
 
     # ------------------------------------------------------------------ registration
 
@@ -429,3 +458,39 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
                 start_method=start_method,
             )
 
+
+
+def _averaging_closure(averager: ElasticAverager, optimizer: Optimizer, closure: Callable[[], Any]) -> Callable[[], Any]:
+    """``closure`` (forward and backward) followed by the synchronous start's gradient average, so that what runs
+    after the closure (gradient clipping, the precision plugin's checks, the update) sees DDP's averaged gradients."""
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def averaged() -> Any:
+        output = closure()
+        averager.average_gradients(parameters)
+        return output
+
+    return averaged
+
+
+def _steps_per_epoch(trainer: Trainer) -> int:
+    """Optimizer steps in one training epoch: ⌈batches / accumulate_grad_batches⌉, as Lightning steps on an epoch's
+    last batch whether or not it completes an accumulation.
+
+    Raises:
+        ValueError: where the count is unknown (manual optimization decides its own steps; a loader without a
+            length), naming ``sync_epochs`` and what to pass instead.
+    """
+    module = trainer.lightning_module
+    if not module.automatic_optimization:
+        raise ValueError(
+            "sync_epochs needs the number of optimizer steps per epoch, which manual optimization decides in "
+            "training_step; pass sync_steps (optimizer.step() calls of all optimizers) instead"
+        )
+    batches = trainer.num_training_batches
+    if not math.isfinite(batches):
+        raise ValueError(
+            "sync_epochs needs the number of optimizer steps per epoch, but the training loader has no length; "
+            "pass sync_steps instead"
+        )
+    return math.ceil(int(batches) / trainer.accumulate_grad_batches)

@@ -234,3 +234,44 @@ def test_free_running_updates_are_atomic_and_conserved(tmp_path: Path) -> None:
     for r in results:
         assert 0 <= sum(r["lags"]) <= (p - 1) * 59 + 1e-9
     assert results[0]["version"] == results[1]["version"] == results[2]["version"] == p * 59
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sixteen_bit_tensors_keep_a_float32_center(dtype: torch.dtype) -> None:
+    """``*-true`` precisions: updates α·(x − x̃) far below the 16-bit spacing still move the center, which follows a
+    float32 replay of Algorithm 1 exactly; the pull is computed in float32 and rounded once into the tensor."""
+    alpha, spacing = 0.1, 2.0  # the spacing of bf16 at 256 and of fp16 at 2048
+    start = 256.0 if dtype == torch.bfloat16 else 2048.0
+    w = torch.full((5,), start, dtype=dtype)
+    averager = AsyncElasticAverager([("w", w)], tau=1, alpha=alpha)
+    center = torch.full((5,), start)
+    try:
+        for t in range(6):
+            with averager.step():
+                before = w.float()
+                w.sub_(spacing)  # the local step moves x by one 16-bit spacing
+                after = w.float()
+            if t > 0:  # float32 replay: d at the pre-step x, center += α·d, pull rounded once
+                d = before - center
+                center += alpha * d
+                expected = (after - alpha * d).to(dtype)
+                assert torch.equal(w, expected), (t, w, expected)
+        got = averager.center_values()[0]
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, center, rtol=0, atol=0)
+        # Every update α·d here is at most 10 % of a spacing: a 16-bit center would never have left its start.
+        assert float((center - start).abs().min()) > 0.5
+        assert averager.service.shard.values[0].dtype == torch.float32
+        assert averager.state_dict()["center"]["w"].dtype == torch.float32
+    finally:
+        averager.close()
+
+
+def test_shard_takes_sixteen_bit_slices_into_a_float32_center() -> None:
+    """A worker sends x in bfloat16; the owner subtracts and updates in float32 and replies in float32."""
+    shard = CenterShard([torch.full((3,), 256.0, dtype=torch.bfloat16)], [[(0, 0, 3)]], num_tensors=1,
+                        num_workers=1, alpha=0.01)
+    assert shard.values[0].dtype == torch.float32
+    reply = shard.exchange(0, [torch.full((3,), 258.0, dtype=torch.bfloat16)], None).value()
+    assert reply.diffs[0].dtype == torch.float32 and reply.diffs[0].tolist() == [2.0] * 3
+    assert torch.equal(shard.values[0], torch.full((3,), 256.0) + 0.01 * torch.full((3,), 2.0))

@@ -13,11 +13,12 @@ from types import SimpleNamespace
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 
 from benchmarks import accuracy
 from benchmarks.netlab import available, private_cluster
 from benchmarks.run import group_bytes_verdict, main
-from benchmarks.workload import parse_method
+from benchmarks.workload import make_strategy, parse_method
 from helpers.bounded import run_bounded
 from helpers.launch import DATA_DIR
 
@@ -41,6 +42,9 @@ def _compose(method: accuracy.Method):
         ("easgd:4", "lightning_easgd.EASGDStrategy", 0.05, None, 4, 4),
         ("eamsgd:64", "lightning_easgd.EASGDStrategy", 0.01, 0.99, 4, 64),
         ("eamsgd_async:8", "lightning_easgd.AsyncEASGDStrategy", 0.01, 0.99, 4, 8),
+        ("localsgd:16", "lightning_easgd.EASGDStrategy", 0.01, 0.99, 4, 16),
+        ("slowmo:16", "lightning_easgd.EASGDStrategy", 0.01, 0.99, 4, 16),
+        ("diloco:32", "lightning_easgd.EASGDStrategy", 0.01, 0.99, 4, 32),
     ],
 )
 def test_each_method_composes_into_the_recipe_it_names(text, target, lr, momentum, workers, period) -> None:
@@ -56,7 +60,41 @@ def test_each_method_composes_into_the_recipe_it_names(text, target, lr, momentu
     assert cfg.strategy.get("save_worker_states", False) is False  # checkpoints hold the center only
 
 
-@pytest.mark.parametrize("text", ["sgd", "ddp:4", "easgd", "eamsgd:0", "average:x", "msgd:2", ""])
+@pytest.mark.parametrize(
+    ("text", "pull", "beta", "momentum", "nesterov", "sync"),
+    [
+        ("localsgd:16", "reset", 1.0, 0.0, False, 0),
+        ("slowmo:16:sync196", "reset", 1.0, 0.2, False, 196),
+        ("diloco:16:sync196:lr0.005:seed1", "reset", 0.7, 0.9, True, 196),
+        ("slowmo:16:cm0.5", "reset", 1.0, 0.5, False, 0),
+        ("eamsgd:16:cm0.5:sync50", "elastic", 0.9, 0.5, False, 50),
+    ],
+)
+def test_family_methods_and_the_synchronous_start_instantiate(text, pull, beta, momentum, nesterov, sync) -> None:
+    method = accuracy.Method.parse(text)
+    assert method.label == text and accuracy.Method.parse(method.label) == method
+    built = instantiate(_compose(method).strategy)
+    assert (built.worker_pull, built.beta, built.center_momentum, built.center_nesterov) == (
+        pull, beta, momentum, nesterov)
+    assert (built.sync_steps, built.tau) == (sync, method.tau)
+
+
+def test_workload_runs_the_family_with_the_presets_outer_step() -> None:
+    assert parse_method("diloco:16") == ("diloco", 16)
+    strategy = make_strategy("diloco:16", "fork")
+    assert (strategy.worker_pull, strategy.beta, strategy.center_momentum, strategy.center_nesterov) == (
+        "reset", 0.7, 0.9, True)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        for name in ("localsgd", "slowmo", "diloco"):
+            preset = compose("cifar10", overrides=[f"strategy={name.replace('localsgd', 'local_sgd')}"]).strategy
+            built = make_strategy(f"{name}:16", "fork")
+            assert (built.beta, built.center_momentum, built.center_nesterov) == (
+                preset.beta, preset.center_momentum, preset.center_nesterov), name
+
+
+@pytest.mark.parametrize("text", ["sgd", "ddp:4", "easgd", "eamsgd:0", "average:x", "msgd:2", "",
+                                  "eamsgd:16:sync0", "average:16:sync5", "eamsgd_async:8:sync5",
+                                  "slowmo:16:sync5:warm5", "localsgd", "diloco:16:syncx"])
 def test_bad_methods_are_refused_with_what_is_allowed(text: str) -> None:
     with pytest.raises(ValueError, match=r"method=.* is invalid: use msgd, ddp, or average:TAU"):
         accuracy.Method.parse(text)

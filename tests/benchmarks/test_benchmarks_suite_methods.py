@@ -65,7 +65,8 @@ def test_ddp_and_msgd_take_the_shared_options() -> None:
 )
 def test_bad_options_are_refused_with_what_is_allowed(text: str) -> None:
     with pytest.raises(ValueError, match=r"method=.* is invalid: use msgd, ddp, or average:TAU.* options :OPTION.*"
-                                         r"lrETA, seedN, cmMU or cnMU \(easgd, eamsgd; 0 < MU < 1\), warmW"):
+                                         r"lrETA, seedN, cmMU or cnMU \(easgd, eamsgd, localsgd, slowmo, diloco; "
+                                         r"0 < MU < 1\), warmW"):
         accuracy.Method.parse(text)
 
 

@@ -4,6 +4,8 @@ host synchronisation; 16-bit tensors; placement."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lightning_easgd.core import ElasticAverager
+from lightning_easgd.core import ElasticAverager, ExchangeError, NonFiniteWorkerError
 from lightning_easgd.core.buckets import check_device
 from lightning_easgd.core.topology import worker_topology
 
@@ -337,3 +339,62 @@ def test_center_momentum_is_sharded_like_the_center(tmp_path: Path, k: int, nest
             assert torch.equal(rec["velocity"][n], records[0]["velocity"][n]), "v is identical on every rank"
             assert torch.equal(rec["reloaded_velocity"][n], rec["velocity"][n]), "state_dict round trip of v"
         assert float(sum(v.abs().sum() for v in rec["velocity"].values())) > 0
+
+
+# ------------------------------------------------------------------ decisions taken per worker, not per slice
+
+
+def _slice_fault(rank: int, store: str, out: str, fault: str, policy: str) -> None:
+    """2 workers × 2 ranks, one 8-element tensor: rank j of a worker owns elements [4j, 4j + 4). A fault that only
+    one slice sees: a sum that overflows in slice 0 (each worker's difference finite), or a NaN in worker 1's
+    slice 1. Writes what the exchange did and how long it took."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
+    topo = worker_topology(2, WORLD, rank)
+    w = torch.zeros(8)
+    avg = ElasticAverager([("w", w)], tau=1, alpha=0.25, group=topo.column_group, worker_group=topo.worker_group,
+                          on_nonfinite=policy, timeout=timedelta(seconds=10))
+    with avg.step():  # t = 0: no exchange
+        w.add_(topo.worker_index + 1.0)
+    if fault == "overflow":
+        w[0] = 3e38  # d = 3e38 on both workers: Σd = 6e38 overflows float32 in slice 0 only
+    elif topo.worker_index == 1:
+        w[6] = float("nan")
+    start = time.monotonic()
+    try:
+        with avg.step():
+            pass
+        outcome = f"ok {avg.pop_resets()} {w.tolist()}"
+    except (ExchangeError, NonFiniteWorkerError) as error:
+        outcome = f"{type(error).__name__}: {error}"
+    Path(f"{out}/rank{rank}.txt").write_text(f"{time.monotonic() - start:.1f} {outcome}")
+    os._exit(0)  # peers may have left mid-collective: no orderly teardown
+
+
+@pytest.mark.parametrize(("fault", "policy"), [("overflow", "raise"), ("nan", "raise"), ("nan", "reset")])
+def test_a_fault_in_one_slice_is_decided_worker_wide(tmp_path: Path, fault: str, policy: str) -> None:
+    """Every rank of every worker takes the same decision, within the timeout: none raises while its worker's other
+    rank waits in the gather of the pull."""
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_slice_fault, args=(r, str(tmp_path / "store"), str(tmp_path), fault, policy))
+             for r in range(WORLD)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=40)
+    alive = [r for r, proc in enumerate(procs) if proc.is_alive()]
+    for proc in procs:
+        proc.kill()
+        proc.join(timeout=5)
+    assert not alive, f"ranks {alive} hung"
+    results = [(tmp_path / f"rank{r}.txt").read_text().split(" ", 1) for r in range(WORLD)]
+    assert all(float(waited) < 5 for waited, _ in results), results
+    outcomes = [outcome for _, outcome in results]
+    if fault == "overflow":
+        assert all(o.startswith("ExchangeError: ") and "overflowed" in o for o in outcomes), outcomes
+    elif policy == "raise":
+        assert all(o.startswith("NonFiniteWorkerError: EASGD: worker(s) 1 of 2 ") for o in outcomes), outcomes
+    else:  # worker 0 pulled toward the new center (worker 1 contributed nothing), worker 1 reset to it
+        expected = {0: [1.0 - 0.25 * 1.0] * 8, 1: [0.0 + 0.25 * 1.0] * 8}  # d_0 = 1, center 0 + α·d_0
+        for rank, o in enumerate(outcomes):
+            assert o == f"ok [(1, (1,))] {expected[rank // 2]}", (rank, o)

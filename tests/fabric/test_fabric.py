@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import csv
+import re
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -147,7 +149,7 @@ def _same_optimizer_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
 @pytest.fixture
 def warnings_(monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> Any:
     """The strategy's warnings, also from forked workers (printed to the inherited stderr)."""
-    for where in ("lightning_easgd.fabric.strategy", "lightning_easgd.adapter.layout", "lightning_easgd.checkpoint.worker_files"):
+    for where in ("lightning_easgd.adapter.layout", "lightning_easgd.checkpoint.routines"):
         monkeypatch.setattr(f"{where}.rank_zero_warn", lambda msg, *a, **k: print(msg, file=sys.stderr))
     capfd.readouterr()
     return lambda: capfd.readouterr().err
@@ -598,8 +600,139 @@ def test_setup_warns_like_the_trainer(monkeypatch: pytest.MonkeyPatch, warnings_
 
 
 def test_quickstart_with_the_registry_name(tmp_path: Path) -> None:
-    """``Fabric(strategy="easgd")`` and ``fabric.launch()`` start two processes with the popen launcher."""
+    """``Fabric(strategy="easgd")`` and ``fabric.launch()`` start two processes with the popen launcher; the example
+    leaves every epoch's logged metrics on disk (its CSVLogger is finalized) and says where its files went."""
     done = run_bounded([sys.executable, str(ROOT / "examples" / "fabric_quickstart.py")], cwd=tmp_path, timeout=180)
     assert done.returncode == 0, done.stdout[-3000:]
-    assert "center accuracy" in done.stdout
-    assert (tmp_path / "outputs" / "fabric_quickstart" / "center.ckpt").exists()
+    out = tmp_path / "outputs" / "fabric_quickstart"
+    printed = dict(re.findall(r"epoch (\d+): center accuracy ([0-9.]+)", done.stdout))
+    assert sorted(printed) == ["0", "1", "2", "3", "4"], done.stdout[-3000:]
+    metrics = out / "lightning_logs" / "version_0" / "metrics.csv"
+    with metrics.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [row["step"] for row in rows] == sorted(printed)
+    assert [f"{float(row['center_acc']):.3f}" for row in rows] == [printed[row["step"]] for row in rows]
+    assert all(float(row["max_distance"]) > 0 for row in rows)
+    assert f"metrics: {metrics}" in done.stdout
+    for name in ("last.ckpt", "center.ckpt"):
+        assert (out / name).is_file()
+        assert f"{out / name}" in done.stdout
+
+
+# ---------------------------------------------------------------------- the elastic family (docs/family.md)
+
+
+@pytest.mark.parametrize(
+    ("p", "k", "options", "closure"),
+    [
+        (2, 1, {"tau": 3, "worker_pull": "reset", "center_momentum": 0.9, "center_nesterov": True, "beta": 0.7},
+         False),  # DiLoCo
+        (3, 1, {"tau": 2, "sync_steps": 3}, True),  # post-local SGD, gradients averaged after the closure
+        (2, 1, {"tau": 2, "sync_steps": 4, "worker_pull": "reset", "beta": 1.0}, False),  # post-local averaging
+        (2, 2, {"tau": 2, "sync_steps": 3, "worker_pull": "reset", "beta": 1.0, "center_momentum": 0.5}, False),
+    ],
+    ids=["diloco", "sync-closure", "sync-local-sgd", "sync-slowmo-groups"],
+)
+def test_family_matches_replay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, p: int, k: int,
+                               options: dict[str, Any], closure: bool) -> None:
+    """The reset rule and the synchronous start in a Fabric loop: the Trainer's replay, every worker and the center,
+    with the synchronous steps' all-reduce and the exchanges on their steps (worker groups: across the column)."""
+    module, init = twins(ToyRegressor, 2, lr=0.1, momentum=0.9, nesterov=True)
+    dataset = make_dataset(48)
+    count_collectives(monkeypatch)
+    records = run(p * k, EASGDFabricStrategy(ranks_per_worker=k, start_method="fork", **options), tmp_path, module,
+                  dataset, epochs=2, batch_size=2, closure=closure)
+    sync, tau = options.get("sync_steps", 0), options["tau"]
+    due = (lambda t: t > sync and (t - sync) % tau == 0) if sync else (lambda t: t > 0 and t % tau == 0)
+    expected = replay_center_momentum(init, dataset, p=p, alpha=options.get("beta", 0.9) / p,
+                                      momentum=options.get("center_momentum", 0.0),
+                                      nesterov=options.get("center_nesterov", False), due=due, epochs=2,
+                                      batch_size=2, seed=SEED, reset=options.get("worker_pull") == "reset",
+                                      sync_steps=sync, ranks_per_worker=k)
+    assert_matches_replay(records, expected, ATOL, k)
+    for rank, rec in enumerate(records):
+        steps = [t for t, calls in enumerate(rec["collectives"]) if calls.get("all_reduce")]
+        if k == 1:
+            assert steps == list(range(sync)) + expected.exchange_steps, f"rank {rank}"
+        if options.get("center_momentum"):
+            assert_close(rec["velocity"], expected.velocity, ATOL, f"rank {rank} center velocity")
+
+
+def test_family_options_refused_by_fabric() -> None:
+    with pytest.raises(ValueError, match=r"EASGDFabricStrategy does not accept sync_epochs=2: Fabric never sees the "
+                                         r"training loop's length.*pass sync_steps"):
+        EASGDFabricStrategy(sync_epochs=2)
+    with pytest.raises(ValueError, match=r"worker_pull='average' is invalid"):
+        EASGDFabricStrategy(worker_pull="average")
+    with pytest.raises(ValueError, match=r"sync_steps=2 cannot be combined with warmup_steps=4"):
+        EASGDFabricStrategy(sync_steps=2, warmup_steps=4, warmup_tau=2)
+
+
+def _clipped_loop(fabric: Fabric, module: ToyRegressor, dataset: TensorDataset, out: Path) -> None:
+    """Two epochs with ``fabric.clip_gradients`` between backward and step; saves the local weights (and the center
+    under EASGD)."""
+    model, optimizer = fabric.setup(module, module.configure_optimizers())
+    loader = fabric.setup_dataloaders(DataLoader(dataset, batch_size=4, shuffle=True))
+    for _ in range(2):
+        for x, y in loader:
+            optimizer.zero_grad()
+            fabric.backward(mse_loss(model(x), y))
+            fabric.clip_gradients(model, optimizer, max_norm=0.05)
+            optimizer.step()
+    strategy = fabric.strategy
+    center = ({n: v.clone() for n, v in zip(strategy.averager.names, strategy.averager.center_values())}
+              if isinstance(strategy, EASGDFabricStrategy) else None)
+    torch.save({"local": {k: v.clone() for k, v in module.state_dict().items()}, "center": center},
+               out / f"rank{fabric.global_rank}.pt")
+
+
+def test_all_synchronous_fabric_loop_with_clipping_is_fabrics_ddp(tmp_path: Path) -> None:
+    """sync_steps beyond the loop: every step is DDP's, with the gradients averaged before ``fabric.clip_gradients``
+    clips them, so every worker and the center end where Fabric's own DDPStrategy ends."""
+    from lightning.fabric.strategies import DDPStrategy as FabricDDPStrategy
+
+    dataset = make_dataset(48)
+    results = {}
+    for name, strategy in (("easgd", EASGDFabricStrategy(tau=2, sync_steps=1000, start_method="fork")),
+                           ("ddp", FabricDDPStrategy(start_method="fork"))):
+        module, _ = twins(ToyRegressor, 9, lr=0.2, momentum=0.9, nesterov=True)
+        (tmp_path / name).mkdir()
+        Fabric(accelerator="cpu", devices=2, strategy=strategy).launch(_clipped_loop, module, dataset, tmp_path / name)
+        results[name] = [torch.load(tmp_path / name / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ddp = results["ddp"][0]["local"]
+    for rank, rec in enumerate(results["easgd"]):
+        assert_close(rec["local"], ddp, ATOL, f"worker {rank} against DDP")
+        assert_close(rec["center"], ddp, ATOL, f"rank {rank} center against DDP")
+    module, init = twins(ToyRegressor, 9, lr=0.2, momentum=0.9, nesterov=True)
+    per_worker = replay_center_momentum(init, dataset, p=2, alpha=0.45, momentum=0.0, nesterov=False,
+                                        due=lambda t: False, epochs=2, batch_size=4, seed=SEED, sync_steps=1000)
+    # Without clipping the same averaged steps end elsewhere: the clipping acted.
+    assert (per_worker.center["net.0.weight"] - ddp["net.0.weight"]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("sync", [8, 6, 4])  # the resume at clock 6: inside the start, at the hand-over, after it
+def test_synchronous_start_resumes_exactly(tmp_path: Path, sync: int) -> None:
+    """fabric.save after epoch 0 (clock 6) and fabric.load in fresh processes reproduce the uninterrupted run with
+    the reset rule and heavy-ball center momentum, the exchanges on the same steps (t > N, (t − N) % 2 == 0)."""
+    dataset = make_dataset(48, dtype=torch.float32)
+    torch.manual_seed(13)
+    init = _resume_model().state_dict()
+    straight = _resume_model()
+    straight.load_state_dict(init)
+    ckpt = tmp_path / "ckpt"
+
+    def strategy() -> EASGDFabricStrategy:
+        return EASGDFabricStrategy(tau=2, sync_steps=sync, worker_pull="reset", beta=1.0, center_momentum=0.5,
+                                   start_method="fork")
+
+    full = run(2, strategy(), tmp_path / "full", straight, dataset, epochs=2, batch_size=4, save=ckpt)
+    second = run(2, strategy(), tmp_path / "second", _resume_model(), dataset, epochs=2, batch_size=4,
+                 first_epoch=1, load=ckpt / "epoch=0.ckpt")
+    exchanges = [t for t in range(12) if t > sync and (t - sync) % 2 == 0]
+    for rank in range(2):
+        assert_close(second[rank]["local"], full[rank]["local"], 1e-6, f"worker {rank} after resume")
+        assert_close(second[rank]["center"], full[rank]["center"], 1e-6, "center after resume")
+        assert [s.step for s in full[rank]["stats"]] == exchanges
+        assert [s.step for s in second[rank]["stats"]] == [t for t in exchanges if t >= 6]
+    # Dropout differs between the ranks: only the synchronous start keeps the workers identical.
+    assert not torch.equal(full[0]["local"]["net.0.weight"], full[1]["local"]["net.0.weight"])

@@ -12,7 +12,7 @@ import torch
 
 from lightning_easgd.core import ElasticAverager
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 @contextmanager

@@ -195,6 +195,9 @@ def test_every_option_of_the_training_side_groups_instantiates(
         "eamsgd_async": AsyncEASGDStrategy,
         "ddp": DDPStrategy,
         "msgd": SingleDeviceStrategy,
+        "local_sgd": EASGDStrategy,
+        "slowmo": EASGDStrategy,
+        "diloco": EASGDStrategy,
     }
     for option in group_options(group):
         cfg = compose_cfg("cifar10", [f"{group}={option}", *cifar])
@@ -213,6 +216,30 @@ def test_every_option_of_the_training_side_groups_instantiates(
         else:
             objects = [instantiate(node) for node in cfg[group].values()]
             assert objects, f"{group}={option} is empty"
+
+
+@pytest.mark.parametrize(
+    ("preset", "beta", "momentum", "nesterov"),
+    [("local_sgd", 1.0, 0.0, False), ("slowmo", 1.0, 0.2, False), ("diloco", 0.7, 0.9, True)],
+)
+def test_family_presets_compose(compose_cfg: Compose, preset: str, beta: float, momentum: float,
+                                nesterov: bool) -> None:
+    """strategy=local_sgd | slowmo | diloco: the reset rule with the published outer step, tau = 16; a synchronous
+    start composes on top of any of them."""
+    cfg = compose_cfg("cifar10", [f"strategy={preset}", "strategy.sync_steps=196"])
+    strategy = instantiate(cfg.strategy)
+    assert type(strategy) is EASGDStrategy
+    assert (strategy.worker_pull, strategy.tau, strategy.beta) == ("reset", 16, beta)
+    assert (strategy.center_momentum, strategy.center_nesterov) == (momentum, nesterov)
+    assert (strategy.sync_steps, strategy.sync_epochs, strategy.warmup_steps) == (196, 0, 0)
+    # The elastic presets keep the paper's pull.
+    assert instantiate(compose_cfg("cifar10", ["strategy=eamsgd"]).strategy).worker_pull == "elastic"
+
+
+def test_family_preset_refuses_a_bad_pull_readably(compose_cfg: Compose) -> None:
+    cfg = compose_cfg("cifar10", ["strategy=local_sgd", "strategy.worker_pull=average"])
+    with pytest.raises(InstantiationException, match=r"worker_pull='average' is invalid"):
+        instantiate(cfg.strategy)
 
 
 def test_eamsgd_local_optimizer_is_nesterov_099(compose_cfg: Compose) -> None:
@@ -301,3 +328,37 @@ def test_eamsgd_strategy_is_easgd_with_a_nesterov_optimizer(momentum: str, plain
     eamsgd, easgd = compose_cfg("cifar10", [f"strategy={momentum}"]), compose_cfg("cifar10", [f"strategy={plain}"])
     assert eamsgd.strategy == easgd.strategy and eamsgd.callbacks == easgd.callbacks
     assert eamsgd.optimizer.nesterov and eamsgd.optimizer.momentum == 0.99 and "momentum" not in easgd.optimizer
+@pytest.mark.parametrize(("sync", "asynchronous"), [("easgd", "easgd_async"), ("eamsgd", "eamsgd_async")])
+def test_async_configs_have_every_key_of_the_sync_ones(sync: str, asynchronous: str, compose_cfg: Compose) -> None:
+    """Overriding a sync-only key must reach AsyncEASGDStrategy's own refusal, not Hydra's "not in struct"."""
+    keys = {name: set(OmegaConf.load(CONF_DIR / "strategy" / f"{name}.yaml")) - {"defaults"}
+            for name in (sync, asynchronous)}
+    assert keys[sync] <= keys[asynchronous], f"missing in {asynchronous}.yaml: {keys[sync] - keys[asynchronous]}"
+    assert isinstance(instantiate(compose_cfg("cifar10", [f"strategy={asynchronous}"]).strategy), AsyncEASGDStrategy)
+    cfg = compose_cfg("cifar10", [f"strategy={asynchronous}", "strategy.center_momentum=0.5"])
+    with pytest.raises(InstantiationException, match=r"AsyncEASGDStrategy does not accept center_momentum=0\.5: the "
+                       "asynchronous center"):
+        instantiate(cfg.strategy)
+
+
+@pytest.mark.parametrize("kept", [False, True], ids=["fresh-run-dir", "run-dir-with-checkpoints"])
+def test_a_refused_run_removes_only_a_run_dir_holding_hydras_files(kept: bool, compose_cfg: Compose,
+                                                                     tmp_path: Path) -> None:
+    cfg = compose_cfg("cifar10", ["data=synthetic", "strategy.tau=0"])
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (run_dir / f"{cfg.hydra.job.name}.log").write_text("")
+    if kept:  # a run being resumed: its checkpoints stay whatever the new attempt does
+        (run_dir / "checkpoints").mkdir()
+    with pytest.raises(InstantiationException, match="tau"):
+        train(cfg)
+    assert run_dir.exists() == kept
+
+
+@pytest.mark.parametrize("devices", ["0", "-2", "'0'"])
+def test_devices_below_one_are_refused_with_the_allowed_values(devices: str, compose_cfg: Compose) -> None:
+    cfg = compose_cfg("cifar10", ["data=synthetic", f"trainer.devices={devices}"])
+    with pytest.raises(ValueError, match=r"trainer.devices=.* is invalid: give the number of devices per node \(an "
+                       r"integer >= 1; on CPU each is one worker process\), -1 or 'auto' for all of a node's GPUs"):
+        train(cfg)

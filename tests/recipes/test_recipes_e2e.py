@@ -28,6 +28,7 @@ from helpers.recipes import (
     needs_imagenette,
     run_recipe,
 )
+from lightning_easgd.checkpoint.preflight import UnusableCheckpointError, check_checkpoint
 from lightning_easgd.recipes.plot import find_runs
 from lightning_easgd.recipes.plot import main as plot_main
 
@@ -60,6 +61,12 @@ def test_cifar10_recipe_on_synthetic_data_then_plot(tmp_path: Path) -> None:
     # Both workers logged from rank 0 only: one row per step, not two.
     steps = [r["step"] for r in rows if r["train/loss_step"]]
     assert len(steps) == len(set(steps)) == 6
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1  # fit and test in one file
+    last = run_dir / "checkpoints" / "last.ckpt"
+    check_checkpoint(last, entries=("state_dict",))  # a real checkpoint passes the launch-time check ...
+    next((run_dir / "checkpoints" / "last.ckpt.workers").rglob("worker_00001.pt")).unlink()
+    with pytest.raises(UnusableCheckpointError, match="1 of its 2 worker files cannot be used: worker 1: "):
+        check_checkpoint(last)  # ... and one without its worker 1 does not
     written = plot_main([str(run_dir)])
     assert {p.name for p in written} == {"error_vs_time.png", "error_vs_epoch.png", "distance_vs_step.png"}
 
@@ -145,6 +152,7 @@ def test_bad_overrides_fail_readably(args: list[str], expected: list[str], tmp_p
     assert result.returncode != 0
     for text in expected:
         assert text in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep" / "0").exists()  # no folder of a refused run
 
 
 def _free_port() -> int:

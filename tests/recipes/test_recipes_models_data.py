@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,11 @@ def test_cifar10_missing_dir_explains_the_layout(tmp_path: Path) -> None:
     (tmp_path / "cifar-10-batches-py").mkdir()
     with pytest.raises(FileNotFoundError, match="point it at the parent folder"):
         CIFAR10DataModule(tmp_path / "cifar-10-batches-py")
+    (tmp_path / "cifar10" / "cifar-10-batches-py").mkdir(parents=True)
+    (tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_1").touch()
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"It is one level down: did you mean data_dir={str(tmp_path / 'cifar10')!r}?")):
+        CIFAR10DataModule(tmp_path)  # the folder above cifar10/, as paths.data_dir is
 
 
 def test_cifar10_rejects_bad_options(tmp_path: Path) -> None:
@@ -156,8 +162,13 @@ def test_imagefolder_layout_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"is not a directory; expected <data_dir>/train/<class>/<image>"):
         ImageFolderDataModule(tmp_path / "nowhere")
     only_val = _image_tree(tmp_path / "a", {"val": ["x"]})
-    with pytest.raises(FileNotFoundError, match="has no train/ folder"):
+    with pytest.raises(FileNotFoundError, match="has no train/ folder") as refused:
         ImageFolderDataModule(only_val)
+    assert "one level down" not in str(refused.value)
+    _image_tree(tmp_path / "above" / "imagenet", {"train": ["x"], "val": ["x"]})
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"; it is one level down: did you mean data_dir={str(tmp_path / 'above' / 'imagenet')!r}?")):
+        ImageFolderDataModule(tmp_path / "above")
     flat = _image_tree(tmp_path / "b", {"train": [], "val": ["x"]})
     (flat / "train").mkdir(exist_ok=True)
     with pytest.raises(FileNotFoundError, match="holds no class folders"):

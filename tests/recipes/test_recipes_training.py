@@ -11,10 +11,13 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lightning_easgd.recipes import plot as plot_module
 from lightning_easgd.recipes.classifier import ImageClassifier, LRSchedulerSpec
 from lightning_easgd.recipes.data import SyntheticDataModule
+from lightning_easgd.recipes.loggers import TensorBoardLogger
 from lightning_easgd.recipes.models import PaperCIFAR10Net
 from lightning_easgd.recipes.plot import find_runs
 from lightning_easgd.recipes.plot import main as plot_main
@@ -224,3 +227,101 @@ def test_plot_errors_are_readable(tmp_path: Path) -> None:
     run = _fake_run(tmp_path / "run", tau=1)
     with pytest.raises(ValueError, match="got 2 labels for 1 runs"):
         find_runs([run], labels=["a", "b"])
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["{tmp}/empty"], "no metrics.csv under '{tmp}/empty'; the recipes write <run dir>/csv/metrics.csv"),
+    (["{tmp}/nowhere"], "'{tmp}/nowhere' does not exist"),
+    (["{tmp}/run", "--labels", "a", "b"], "got 2 labels for 1 runs"),
+], ids=["no-csv", "missing", "labels"])
+def test_the_plot_command_fails_in_one_line(args: list[str], expected: str, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    _fake_run(tmp_path / "run", tau=1)
+    with pytest.raises(SystemExit) as exited:
+        plot_main([arg.format(tmp=tmp_path) for arg in args])
+    message = str(exited.value.code)
+    assert message.startswith("python -m lightning_easgd.recipes.plot: error: ") and "\n" not in message
+    assert expected.format(tmp=tmp_path) in message
+
+
+def _captured_figures(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The figures the plot command saves, by file name."""
+    figures: dict[str, Any] = {}
+    save = plot_module._save
+
+    def capture(figure: Any, path: Path) -> Path:
+        figures[path.name] = figure
+        return save(figure, path)
+
+    monkeypatch.setattr(plot_module, "_save", capture)
+    return figures
+
+
+def test_one_exchange_is_drawn_with_markers_and_every_line_style_has_a_legend_entry(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    (run / "csv").mkdir(parents=True)
+    (run / "csv" / "metrics.csv").write_text("epoch,step,val/acc,time/train_s,easgd/distance_mean,easgd/distance_max\n"
+                                             ",3,,,0.25,0.5\n0,5,0.4,2.0,,\n")
+    figures = _captured_figures(monkeypatch)
+    plot_main([str(run), "--labels", "tau=3"])
+    assert "note:" not in capsys.readouterr().out
+    distance = figures["distance_vs_step.png"].axes[0]
+    lines = {line.get_label(): line for line in distance.get_lines()}
+    assert set(lines) == {"tau=3 (mean)", "tau=3 (max)"}
+    assert [text.get_text() for text in distance.get_legend().get_texts()] == ["tau=3 (mean)", "tau=3 (max)"]
+    assert lines["tau=3 (max)"].get_linestyle() == "--" and lines["tau=3 (mean)"].get_linestyle() == "-"
+    assert lines["tau=3 (mean)"].get_marker() == "o" and lines["tau=3 (max)"].get_marker() == "^"
+    assert list(lines["tau=3 (max)"].get_ydata()) == [0.5]
+    (error,) = figures["error_vs_epoch.png"].axes[0].get_lines()
+    assert error.get_marker() == "o" and list(error.get_xdata()) == [1.0]
+    long = plot_module.Run("long", run, distance_step=list(range(51)), distance_mean=[1.0] * 51,
+                           distance_max=[2.0] * 51, epoch=[1.0], train_s=[1.0], val_error=[50.0])
+    plot_module.plot_runs([long], tmp_path / "long")
+    assert {line.get_marker() for line in figures["distance_vs_step.png"].axes[0].get_lines()} == {"None"}
+
+
+def test_a_run_without_exchanges_is_reported_not_silently_dropped(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    written = plot_main([str(_fake_run(tmp_path / "run", tau=1, with_distance=False)), "--labels", "DDP"])
+    assert "distance_vs_step.png" not in {path.name for path in written}
+    assert ("note: distance_vs_step.png not drawn: no run logged easgd/distance_mean (not an EASGD run with "
+            "ElasticDistanceMonitor, or fewer optimizer steps than tau, so no exchange)") in capsys.readouterr().out
+    _fake_run(tmp_path / "sweep" / "0", tau=2)
+    _fake_run(tmp_path / "sweep" / "1", tau=8, with_distance=False)
+    written = plot_main([str(tmp_path / "sweep")])
+    assert "distance_vs_step.png" in {path.name for path in written}
+    assert (f"note: strategy.tau=8 ({tmp_path / 'sweep' / '1' / 'csv' / 'metrics.csv'}): no exchange logged, left "
+            "out of distance_vs_step.png") in capsys.readouterr().out
+
+
+def test_a_single_run_is_labelled_with_its_settings(tmp_path: Path) -> None:
+    run = _fake_run(tmp_path / "2026-01-01_12-00-00", tau=4)
+    (run / ".hydra" / "config.yaml").write_text(
+        "strategy:\n  _target_: lightning_easgd.EASGDStrategy\n  tau: 4\noptimizer:\n  lr: 0.005\n"
+        "trainer:\n  devices: 2\n  num_nodes: 2\n")
+    assert [r.label for r in find_runs([run])] == ["EASGD tau=4 p=4 lr=0.005"]
+    (run / ".hydra" / "config.yaml").unlink()
+    assert [r.label for r in find_runs([run])] == ["2026-01-01_12-00-00"]  # no settings to read: its folder
+    # Runs started separately differ in hydra.run.dir, which is where they went, not a setting.
+    (tmp_path / "a" / ".hydra").mkdir(parents=True)
+    (tmp_path / "a" / ".hydra" / "overrides.yaml").write_text("- strategy.tau=4\n- hydra.run.dir=a\n")
+    (tmp_path / "a" / "metrics.csv").write_text((run / "csv" / "metrics.csv").read_text())
+    (run / ".hydra" / "overrides.yaml").write_text("- strategy.tau=1\n- hydra.run.dir=b\n")
+    assert [r.label for r in find_runs([run, tmp_path / "a"])] == ["strategy.tau=1", "strategy.tau=4"]
+
+
+def test_tensorboard_logger_writes_fit_and_test_into_one_event_file(tmp_path: Path) -> None:
+    """Lightning's logger closes its writer at the end of fit, and test's metrics then start a second file."""
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="tensorboard", version="", default_hp_metric=False)
+    data = SyntheticDataModule(num_classes=4, image_size=8, train_size=32, val_size=16, test_size=16, batch_size=8)
+    module = ImageClassifier(net=torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 4)),
+                             optimizer=partial(torch.optim.SGD, lr=0.1), num_classes=4, top_k=None)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=logger, log_every_n_steps=1,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=data)
+    trainer.test(module, datamodule=data, verbose=False)
+    (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    tags = EventAccumulator(str(events)).Reload().Tags()["scalars"]
+    assert "train/loss_step" in tags and "val/acc" in tags and "test/acc" in tags
+    assert (tmp_path / "tensorboard" / "hparams.yaml").is_file()

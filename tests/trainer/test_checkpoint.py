@@ -146,3 +146,36 @@ def test_unknown_checkpoint_format_is_refused(tmp_path: Path) -> None:
     torch.save({"state_dict": {}, "easgd": {"format": 99}}, path)
     with pytest.raises(ValueError, match="unknown format"):
         EASGDStrategy().load_checkpoint(path)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_16_bit_weights_resume_bit_identically(tmp_path: Path, precision: str) -> None:
+    """3 epochs straight == 1 epoch, then resume to 3: the float32 center comes back from the checkpoint, not from
+    the module it was loaded into (which rounds it to 16 bits before the exchange is built)."""
+    dataset = make_dataset(48, dtype=torch.float32)
+    torch.manual_seed(5)
+    init = ToyRegressor(momentum=0.9, dtype="float32").state_dict()
+
+    def model() -> ToyRegressor:
+        module = ToyRegressor(momentum=0.9, dtype="float32")
+        module.load_state_dict(init)
+        return module
+
+    _, straight = fit_fork(model(), dataset, tmp_path / "straight", p=2, epochs=3, batch_size=4,
+                           precision=precision, enable_checkpointing=True, callbacks=[_checkpointing(tmp_path)],
+                           strategy=EASGDStrategy(tau=2, start_method="fork"))
+    saved = torch.load(tmp_path / "ckpt" / "epoch=0.ckpt", weights_only=True)["state_dict"]
+    assert saved["net.0.weight"].dtype == torch.float32
+    assert not torch.equal(saved["net.0.weight"], saved["net.0.weight"].to(torch.bfloat16).float()), (
+        "the saved center must carry more than 16 bits, or this test proves nothing")
+    _, resumed = fit_fork(model(), dataset, tmp_path / "resumed", p=2, epochs=3, batch_size=4, precision=precision,
+                          ckpt_path=str(tmp_path / "ckpt" / "epoch=0.ckpt"),
+                          strategy=EASGDStrategy(tau=2, start_method="fork"))
+    for rank in range(2):
+        assert straight[rank]["local"]["net.0.weight"].dtype == {"bf16-true": torch.bfloat16}.get(precision,
+                                                                                                  torch.float16)
+        assert straight[rank]["center"]["net.0.weight"].dtype == torch.float32
+        for what in ("center", "local"):
+            for key, value in straight[rank][what].items():
+                assert torch.equal(resumed[rank][what][key], value), f"rank {rank} {what} {key} after resume"
+    assert not torch.equal(straight[0]["local"]["net.0.weight"], straight[1]["local"]["net.0.weight"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -352,3 +353,52 @@ def test_only_rank_zero_copies_the_center(tmp_path: Path) -> None:
     zero, one = (torch.load(tmp_path / f"copies{r}.pt", weights_only=True) for r in range(2))
     assert not any(zero["shared"]) and zero["devices"] == ["cpu"]
     assert all(one["shared"]), "the other ranks' state_dict views the center"
+
+
+def test_checkpoints_of_the_same_step_share_their_worker_files(tmp_path: Path) -> None:
+    """last.ckpt and the top-k checkpoint saved at the same step store each worker file once (hard links to one
+    inode); rotation still prunes; removing either checkpoint leaves the other resumable."""
+    out = tmp_path / "ckpt"
+    fit_fork(ToyRegressor(momentum=0.9), make_dataset(24), tmp_path / "first", p=2, epochs=3, batch_size=4,
+             enable_checkpointing=True, strategy=EASGDStrategy(tau=2, start_method="fork"),
+             callbacks=[ModelCheckpoint(dirpath=out, filename="{epoch}", save_top_k=1, save_last=True)])
+    assert {p.name for p in out.iterdir()} == {"epoch=2.ckpt", "epoch=2.ckpt.workers", "last.ckpt",
+                                               "last.ckpt.workers"}
+    top, last = (torch.load(out / name, weights_only=True)["easgd"] for name in ("epoch=2.ckpt", "last.ckpt"))
+    assert top["save_id"] == last["save_id"]
+    for g in range(2):
+        files = [out / top["worker_files"][g], out / last["worker_files"][g]]
+        assert files[0] != files[1] and files[0].stat().st_ino == files[1].stat().st_ino, f"worker {g} stored once"
+        assert files[0].stat().st_nlink == 2, "the files of earlier epochs are gone"
+    states = worker_states(out / "epoch=2.ckpt")
+    assert not torch.equal(states[0]["state_dict"]["net.0.weight"], states[1]["state_dict"]["net.0.weight"])
+    for removed, kept in (("epoch=2.ckpt", "last.ckpt"), ("last.ckpt", "epoch=2.ckpt")):
+        copy = tmp_path / f"without_{removed}"
+        shutil.copytree(out, copy, copy_function=os.link)  # more links to the same inodes
+        (copy / removed).unlink()
+        shutil.rmtree(copy / f"{removed}.workers")
+        _, records = fit_fork(ToyRegressor(momentum=0.9), make_dataset(24), tmp_path / f"resume_{kept}", p=2,
+                              epochs=4, batch_size=4, ckpt_path=str(copy / kept),
+                              strategy=EASGDStrategy(tau=2, start_method="fork"))
+        for g in range(2):
+            assert_close(records[g]["start_state"], states[g]["state_dict"], 0.0, f"worker {g} from {kept}")
+            momentum = [s["momentum_buffer"] for s in records[g]["start_optim"][0]["state"].values()]
+            saved = [s["momentum_buffer"] for s in states[g]["optimizer_states"][0]["state"].values()]
+            assert_close(dict(enumerate(momentum)), dict(enumerate(saved)), 0.0, f"worker {g} momentum")
+
+
+def test_the_checkpoint_format_imports_no_adapter() -> None:
+    """lightning_easgd/checkpoint/ is framework-neutral: no lightning.pytorch, no trainer/ or fabric/ module, not
+    even for type checking (every import statement of its files, wherever it stands)."""
+    import ast
+
+    package = Path(__file__).resolve().parents[2] / "lightning_easgd" / "checkpoint"
+    forbidden = ("lightning.pytorch", "pytorch_lightning", "lightning_easgd.trainer", "lightning_easgd.fabric")
+    found = []
+    for source in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{source.name}: {name}" for name in names if name.startswith(forbidden)]
+    assert len(list(package.glob("*.py"))) >= 5
+    assert not found, found

@@ -94,10 +94,13 @@ def test_groups_match_replay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, p:
             assert column_calls[0][1] == slice_bytes
             if k > 1:
                 in_worker = [(name, b) for name, ranks, b in traffic if ranks == worker_ranks]
-                # The worker's ‖d‖² (a few float64 scalars) before the column reduction, then the gather of the
-                # full-precision d slices for the pull.
-                assert [name for name, _ in in_worker] == ["all_reduce", "all_gather_single"], traffic
-                assert in_worker[0][1] <= 8 * 3 and in_worker[1][1] == -(-NUMEL // k) * 8
+                # The worker's ‖d‖² (a few float64 scalars) before the column reduction, the overflow check of the
+                # summed slices (one float64, so every rank of the worker decides alike), then the gather of the
+                # full-precision d slices for the pull (all_gather_into_tensor before torch has all_gather_single).
+                gather = "all_gather_single" if hasattr(torch.distributed, "all_gather_single") else \
+                    "all_gather_into_tensor"
+                assert [name for name, _ in in_worker] == ["all_reduce", "all_reduce", gather], traffic
+                assert in_worker[0][1] <= 8 * 3 and in_worker[1][1] == 8 and in_worker[2][1] == -(-NUMEL // k) * 8
     # Validation on the center with sync_dist: the mean loss over all samples (shards are equal-sized).
     x, y = dataset.tensors
     init.load_state_dict(expected.center, strict=False)

@@ -104,11 +104,13 @@ class CIFAR10DataModule(ClassificationDataModule):
         folder = self.data_dir / CIFAR10.base_folder
         missing = [name for name in _FILES if not (folder / name).is_file()]
         if missing:
-            hint = (
-                f" data_dir itself is named {CIFAR10.base_folder}; point it at the parent folder."
-                if self.data_dir.name == CIFAR10.base_folder
-                else ""
-            )
+            below = sorted(self.data_dir.glob(f"*/{CIFAR10.base_folder}/data_batch_1")) if self.data_dir.is_dir() else []
+            if self.data_dir.name == CIFAR10.base_folder:
+                hint = f" data_dir itself is named {CIFAR10.base_folder}; point it at the parent folder."
+            elif below:  # e.g. data_dir is the folder above cifar10/
+                hint = f" It is one level down: did you mean data_dir={str(below[0].parent.parent)!r}?"
+            else:
+                hint = ""
             raise FileNotFoundError(
                 f"data_dir={str(self.data_dir)!r} does not hold CIFAR-10 in torchvision's python layout: expected "
                 f"<data_dir>/{CIFAR10.base_folder}/ with data_batch_1 ... data_batch_5, test_batch and "
