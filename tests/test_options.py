@@ -25,6 +25,8 @@ EXCHANGE_BAD = [
     {"bucket_cap_mb": 0}, {"bucket_cap_mb": True}, {"bucket_cap_mb": float("inf")}, {"on_nonfinite": "ignore"},
     {"center_device": "cuda"}, {"center_device": "cpu", "overlap": True}, {"exchange_dtype": "float16"},
     {"center_momentum": 1.0}, {"center_momentum": 0.5, "center_nesterov": "yes"}, {"per_tensor_distances": 1},
+    {"worker_pull": "nearest"}, {"sync_steps": -1}, {"sync_epochs": 1.5}, {"sync_steps": True},
+    {"sync_steps": 4, "sync_epochs": 1}, {"warmup_steps": 4, "sync_steps": 2},
 ]
 """Bad values of the exchange's options (ExchangeConfig), each paired with what else it needs to be refused."""
 ADAPTER_BAD = [{"save_worker_states": 1}, {"start_method": "thread"}, {"ranks_per_worker": 0},
