@@ -116,6 +116,17 @@ def test_averagers_take_the_config_whole() -> None:
         AsyncElasticAverager([("w", torch.zeros(3))], ExchangeConfig(center_momentum=0.5))
 
 
+@pytest.mark.parametrize(("name", "value"), [("center_device", "cpu"), ("exchange_dtype", "bfloat16"),
+                                             ("center_momentum", 0.5), ("worker_pull", "reset"), ("sync_steps", 3),
+                                             ("sync_epochs", 1)])
+def test_the_asynchronous_averager_refuses_what_it_does_not_implement(name: str, value: object) -> None:
+    """Every ExchangeConfig field only the synchronous averager implements is refused, not ignored."""
+    config = ExchangeConfig(**{name: value})
+    with pytest.raises(ValueError, match=rf"AsyncElasticAverager does not support {name}=.*; use the synchronous "
+                                         "averager"):
+        AsyncElasticAverager([("w", torch.zeros(3))], config)
+
+
 @pytest.mark.parametrize("strategy", [EASGDStrategy, EASGDFabricStrategy, AsyncEASGDStrategy])
 def test_every_option_is_a_constructor_argument_and_an_attribute(strategy: type) -> None:
     """Adding a field to ExchangeConfig is the whole change: each strategy forwards it (its ``locals()``) and

@@ -40,11 +40,17 @@ from lightning_easgd.core.worker import ElasticWorker, ExchangeStats, NonFiniteW
 ORDERS = ("free", "round_robin")
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 """How long an exchange, snapshot or shutdown waits on other ranks when no timeout is given (torch's default)."""
+_NO_ROUND = ("the reset rule needs every worker's difference in one round, and the asynchronous center takes them one "
+             "at a time")
+_NO_BARRIER = "a synchronous start averages gradients at a barrier every step, and the asynchronous exchange has none"
 UNUSED_OPTIONS = {
     "center_device": (None, "the asynchronous center already lives in host memory, sharded over the ranks"),
     "exchange_dtype": (None, "the asynchronous exchange sends x itself, in the parameters' dtype"),
     "center_momentum": (0.0, ("the asynchronous center is updated by each worker's exchange separately, with no "
                               "per-round increment for a velocity to accumulate")),
+    "worker_pull": ("elastic", _NO_ROUND),
+    "sync_steps": (0, _NO_BARRIER),
+    "sync_epochs": (0, _NO_BARRIER),
 }
 """ExchangeConfig options that only the synchronous averager implements: their default, and why."""
 
