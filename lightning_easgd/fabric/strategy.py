@@ -89,9 +89,10 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
         ranks_per_worker: k, the ranks that form one EASGD worker, or ``"node"``; as for
             :class:`~lightning_easgd.EASGDStrategy`. With k > 1 ``fabric.setup`` wraps the model in
             DistributedDataParallel on the worker's process group, and ``fabric.no_backward_sync`` is its ``no_sync``.
-        center_device, exchange_dtype, center_momentum, center_nesterov, warmup_steps, warmup_tau: as for
-            :class:`~lightning_easgd.EASGDStrategy` (a host-resident center, a bfloat16 exchange, momentum on the
-            center, whose velocity travels in ``fabric.save`` checkpoints, and a warm-up exchange schedule).
+        center_device, exchange_dtype, center_momentum, center_nesterov, warmup_steps, warmup_tau,
+        per_tensor_distances: as for :class:`~lightning_easgd.EASGDStrategy` (a host-resident center, a bfloat16
+            exchange, momentum on the center, whose velocity travels in ``fabric.save`` checkpoints, a warm-up
+            exchange schedule, and every tensor's distance to the center measured at each exchange).
         worker_pull, sync_steps: as for :class:`~lightning_easgd.EASGDStrategy` (the reset rule of local SGD, SlowMo
             and DiLoCo; a synchronous start). In the synchronous start the gradients are averaged over the workers at
             ``fabric.clip_gradients`` if the step clips (so clipping sees DDP's averaged gradients), else at
