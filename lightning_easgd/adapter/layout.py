@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -22,29 +22,39 @@ from torch.nn import Module
 from torch.optim import Optimizer
 
 from lightning_easgd.adapter.module_state import elastic_tensors
-from lightning_easgd.adapter.options import ExchangeOptions, refuse_unused_worker_ddp_options
-from lightning_easgd.core import ElasticAverager, resolve_alpha
+from lightning_easgd.adapter.options import AdapterOptions, refuse_unused_worker_ddp_options, worker_ddp_options
+from lightning_easgd.core import ElasticAverager
 from lightning_easgd.core.buckets import check_device
-from lightning_easgd.core.center_momentum import check_center_momentum
-from lightning_easgd.core.family import WorkerPull, check_reset_beta
-from lightning_easgd.core.topology import WorkerTopology, worker_topology
-from lightning_easgd.core.worker import ElasticWorker, NonFinitePolicy
+from lightning_easgd.core.config import ExchangeConfig
+from lightning_easgd.core.topology import WorkerTopology
+from lightning_easgd.core.worker import ElasticWorker
 
 log = logging.getLogger(__name__)
 
 W = TypeVar("W", bound=ElasticWorker)
 
+_CONFIG_OPTIONS = frozenset(ExchangeConfig.option_names())
+
 
 class WorkerLayout:
-    """Mixin for an EASGD strategy: where this rank sits among the workers, and the exchange built on that.
+    """Mixin for an EASGD strategy: its options, where this rank sits among the workers, and the exchange built on
+    that.
 
     The class that mixes it in is a ``DDPStrategy`` (``world_size``, ``global_rank``, ``num_processes``,
-    ``root_device``, ``_timeout``) and calls :meth:`_keep_options` in its constructor.
+    ``root_device``, ``_timeout``); its constructor calls :meth:`_keep_options` first, then sets :attr:`config`.
+    Every option of :class:`~lightning_easgd.core.config.ExchangeConfig` reads as an attribute of the strategy
+    (``strategy.tau``, ``strategy.beta``, ...), straight from :attr:`config`: there is one copy of each.
     """
 
-    _options: ExchangeOptions
+    unsupported_options: ClassVar[Mapping[str, tuple[Any, str]]] = {}
+    """Options this adapter accepts only at one value: name -> (that value, why). A subclass that builds another
+    exchange declares what it does not implement here."""
+
+    config: ExchangeConfig
+    """The exchange's options, validated once; handed whole to the averager."""
+    _adapter: AdapterOptions
     _worker_ddp_kwargs: dict[str, Any]  # for the DDP inside a worker group
-    _topology: WorkerTopology | None  # set by _start_exchange
+    _topology: WorkerTopology | None  # resolved, with its process groups, from setup to teardown
     _followers: tuple[str, ...]  # float buffers that follow the worker's first rank (set by _start_exchange)
     _state_keys: dict[str, int]  # state_dict key -> index of the averaged tensor it names
     _averager: ElasticWorker | None
@@ -64,55 +74,84 @@ class WorkerLayout:
         @property
         def root_device(self) -> torch.device: ...
 
-    def _keep_options(self, options: ExchangeOptions) -> None:
-        """Keep the validated options, and expose them as the strategy's public attributes."""
-        self._options = options
-        self.tau, self.warmup_steps, self.warmup_tau = options.tau, options.warmup_steps, options.warmup_tau
-        self.center_momentum, self.center_nesterov = options.center_momentum, options.center_nesterov
-        self.beta = options.beta
-        self.center_device, self.exchange_dtype = options.center_device, options.exchange_dtype
-        self.overlap = options.overlap
-        self.bucket_cap_mb = options.bucket_cap_mb
-        self.save_worker_states = options.save_worker_states
-        self.on_nonfinite: NonFinitePolicy = options.on_nonfinite
-        self.worker_pull: WorkerPull = options.worker_pull
-        self.sync_steps, self.sync_epochs = options.sync_steps, options.sync_epochs
+    def _keep_options(self, arguments: Mapping[str, Any]) -> None:
+        """Validate the adapter's own options among the constructor's arguments (its ``locals()``: the named
+        options and ``kwargs``) and keep them, refusing first what this class does not implement
+        (:attr:`unsupported_options`); the strategy then builds :attr:`config` from the same arguments.
+
+        Raises:
+            ValueError: naming the first invalid option, the value given and what is allowed (the same message
+                from every adapter).
+            TypeError: for an unknown keyword argument.
+        """
+        owner = type(self).__name__
+        kwargs: Mapping[str, Any] = arguments["kwargs"]
+        self._worker_ddp_kwargs = worker_ddp_options(kwargs, owner, grouped=arguments["ranks_per_worker"] != 1)
+        self._adapter = AdapterOptions.validated(
+            owner=owner, ranks_per_worker=arguments["ranks_per_worker"],
+            save_worker_states=arguments["save_worker_states"], start_method=arguments["start_method"],
+            unsupported=self.unsupported_options, given=arguments,
+        )
         self._topology = None
         self._followers = ()
         self._state_keys = {}
 
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: the exchange's options, read from the one validated config.
+        config = self.__dict__.get("config")
+        if config is not None and name in _CONFIG_OPTIONS:
+            return getattr(config, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _CONFIG_OPTIONS and "config" in self.__dict__:
+            # A second copy would drift from the config the averager was (or will be) built from.
+            raise AttributeError(
+                f"{type(self).__name__}.{name} is read-only: the exchange's options are validated once, into "
+                f"strategy.config; pass {name}=... to the constructor"
+            )
+        super().__setattr__(name, value)
+
+    @property
+    def save_worker_states(self) -> bool:
+        """Whether checkpoints carry every worker's own state (local weights, optimizer, RNG)."""
+        return self._adapter.save_worker_states
+
     # ------------------------------------------------------------------ the layout
+
+    @property
+    def topology(self) -> WorkerTopology:
+        """Where this rank sits among the workers: resolved once at setup (``"node"`` included) with its process
+        groups, and read from there by everything; before setup, from the processes known so far (no groups)."""
+        if self._topology is not None:
+            return self._topology
+        return WorkerTopology.resolve(self._adapter.ranks_per_worker, self.world_size, self.global_rank,
+                                      self.num_processes)
 
     @property
     def ranks_per_worker(self) -> int | str:
         """k, the ranks of one worker: an int after setup (``"node"`` resolves to the processes per node)."""
-        return self._topology.ranks_per_worker if self._topology is not None else self._options.ranks_per_worker
+        return self._topology.ranks_per_worker if self._topology is not None else self._adapter.ranks_per_worker
 
     @property
     def num_workers(self) -> int:
         """p, the number of EASGD workers (world size / ranks per worker)."""
-        if self._topology is not None:
-            return self._topology.num_workers
-        return self.world_size // self._resolve_ranks_per_worker()
+        return self.topology.num_workers
 
     @property
     def worker_index(self) -> int:
         """g, this rank's worker (global rank // ranks per worker)."""
-        return self.global_rank // self._resolve_ranks_per_worker()
+        return self.topology.worker_index
 
     @property
     def rank_in_worker(self) -> int:
         """j, this rank's place in its worker (global rank % ranks per worker); it owns slice j of the center."""
-        return self.global_rank % self._resolve_ranks_per_worker()
+        return self.topology.rank_in_worker
 
     @property
     def worker_group(self) -> dist.ProcessGroup | None:
         """The process group of this rank's worker after setup (None with one rank per worker)."""
         return self._topology.worker_group if self._topology is not None else None
-
-    def _resolve_ranks_per_worker(self) -> int:
-        k = self._options.ranks_per_worker
-        return self.num_processes if k == "node" else int(k)
 
     @property
     def state_keys(self) -> Mapping[str, int]:
@@ -122,28 +161,29 @@ class WorkerLayout:
 
     @property
     def alpha(self) -> float | None:
-        """The moving rate in use (resolved from β and the world size at setup when not given)."""
-        return self._averager.alpha if self._averager is not None else self._options.alpha
+        """The moving rate in use (resolved from β and the number of workers at setup when not given)."""
+        return self._averager.alpha if self._averager is not None else self.config.alpha
 
     # ------------------------------------------------------------------ the exchange
 
-    def _start_exchange(self, module: Module, name: str, create: Callable[[list[tuple[str, Tensor]], float], W]) -> W:
-        """Check the module, build the worker groups (collective), warn about what deserves it, and return the
-        exchange that ``create`` builds over the module's elastic tensors (which then hold rank 0's values).
+    def _start_exchange(self, module: Module, name: str, create: Callable[[list[tuple[str, Tensor]]], W]) -> W:
+        """Check the module, resolve the worker layout and build its process groups (collective), warn about what
+        deserves it, and return the exchange that ``create`` builds over the module's elastic tensors (which then
+        hold rank 0's values).
 
         Args:
             module: the model whose parameters and floating-point buffers the exchange averages.
             name: the strategy's name in the single-worker warning.
-            create: builds the exchange from the elastic tensors and the resolved α (``self._topology`` and
-                ``self._followers`` are set by then); the Trainer's is its overridable ``_create_averager``.
+            create: builds the exchange from the elastic tensors (``self._topology`` and ``self._followers`` are
+                set by then); the Trainer's is its overridable ``_create_averager``.
         """
-        options = self._options
+        config = self.config
         check_device([*module.named_parameters(), *module.named_buffers()], self.root_device)
-        topology = worker_topology(self._resolve_ranks_per_worker(), self.world_size, self.global_rank,
-                                   timeout=self._timeout)
-        refuse_unused_worker_ddp_options(self._worker_ddp_kwargs, options.ranks_per_worker,
+        if self._topology is None:  # once per setup; _release_groups destroys the groups at teardown
+            self._topology = self.topology.with_groups(timeout=self._timeout)
+        topology = self._topology
+        refuse_unused_worker_ddp_options(self._worker_ddp_kwargs, self._adapter.ranks_per_worker,
                                          grouped=topology.worker_group is not None)
-        self._topology = topology
         p = topology.num_workers
         if p < 2:
             rank_zero_warn(
@@ -157,45 +197,36 @@ class WorkerLayout:
                 "EASGD: TORCH_NCCL_ASYNC_ERROR_HANDLING=0 disables NCCL's handling of collective timeouts: a dead or "
                 "stalled peer then hangs the exchange instead of ending the run after `timeout`; unset it."
             )
-        if options.worker_pull == "reset" and options.alpha is None and options.beta >= p:
-            raise ValueError(
-                f"worker_pull='reset' with beta={options.beta:g} and {p} worker(s) gives alpha = beta/p = "
-                f"{options.beta / p:g}, outside the moving rate's range (0, 1): a single worker has no one to average "
-                "with; train with at least 2 workers, or pass beta < 1"
-            )
-        alpha, warning = resolve_alpha(options.alpha, options.beta, p)
-        if options.worker_pull == "reset":  # beta is the outer learning rate: its own bound, no overshoot warning
-            check_reset_beta(p * alpha, options.center_momentum, options.center_nesterov)
-            warning = None
-        elif options.center_momentum:  # momentum moves the overshoot threshold (and the divergence bound)
-            warning = check_center_momentum(p * alpha, options.center_momentum, options.center_nesterov)
+        warning = config.check_moving_rate(p)
         if warning:
             rank_zero_warn(warning)
-        elastic, self._state_keys = elastic_tensors(module, options.bucket_cap_mb)  # collective: rank 0's values
+        elastic, self._state_keys = elastic_tensors(module, config.bucket_cap_mb)  # collective: rank 0's values
         buffers = {id(t) for _, t in module.named_buffers()}
         self._followers = tuple(key for key, t in elastic if id(t) in buffers)
-        averager = create(elastic, alpha)
+        averager = create(elastic)
         log.debug(
             "EASGD: %d workers of %d ranks, tau=%d, alpha=%g, %d tensors of %d bytes in %d buckets",
-            p, topology.ranks_per_worker, options.tau, alpha, len(elastic), averager.layout.nbytes,
+            p, topology.ranks_per_worker, config.tau, averager.alpha, len(elastic), averager.layout.nbytes,
             len(averager.layout.buckets),
         )
         return averager
 
-    def _elastic_averager(self, elastic: list[tuple[str, Tensor]], alpha: float) -> ElasticAverager:
-        """The synchronous exchange over ``elastic`` with every option; with worker groups the float buffers follow
-        the worker's first rank, as DDP broadcasts them."""
-        options, topology = self._options, self._topology
+    def _elastic_averager(self, elastic: list[tuple[str, Tensor]]) -> ElasticAverager:
+        """The synchronous exchange over ``elastic`` with the whole config; with worker groups the float buffers
+        follow the worker's first rank, as DDP broadcasts them."""
+        topology = self._topology
         assert topology is not None
-        return ElasticAverager(elastic, tau=options.tau, alpha=alpha, group=topology.column_group,
-                               bucket_cap_mb=options.bucket_cap_mb, overlap=options.overlap,
-                               on_nonfinite=options.on_nonfinite, timeout=self._timeout,
-                               worker_group=topology.worker_group, center_device=options.center_device,
-                               exchange_dtype=options.exchange_dtype, center_momentum=options.center_momentum,
-                               center_nesterov=options.center_nesterov, warmup_steps=options.warmup_steps,
-                               warmup_tau=options.warmup_tau, worker_pull=options.worker_pull,
-                               sync_steps=options.sync_steps,
+        return ElasticAverager(elastic, self.config, group=topology.column_group, worker_group=topology.worker_group,
                                follow_first_rank=self._followers if topology.worker_group is not None else ())
+
+    def _release_groups(self, destroy: bool = True) -> None:
+        """Destroy the worker and column process groups built at setup (teardown): on NCCL each holds a
+        communicator, and a strategy set up again (``fit`` then ``validate``) builds its own. After a failure
+        (``destroy=False``) they are only dropped: a peer may be gone, and destroying a communicator with a
+        collective still in flight can block; the process group's teardown at exit takes them with it."""
+        if self._topology is not None and destroy:
+            self._topology.destroy_groups()
+        self._topology = None
 
     def _apply_resets(self, optimizers: Iterable[Optimizer]) -> None:
         """After a step: name the workers the divergence guard (``on_nonfinite="reset"``) restarted from the center,

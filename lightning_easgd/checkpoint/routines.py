@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from lightning.fabric.utilities.types import _PATH
 from torch import Tensor
@@ -38,30 +37,23 @@ from lightning_easgd.checkpoint.worker_files import (
     worker_file_state,
     worker_file_target,
 )
+from lightning_easgd.core.topology import WorkerTopology
 from lightning_easgd.core.worker import ElasticWorker
 
 
 class CheckpointedWorker(CheckpointRanks, Protocol):
-    """What the routines need of an adapter: its ranks (:class:`CheckpointRanks`), the worker layout, and the
-    options that decide what a save holds. Both adapters' ``WorkerLayout`` provides it."""
-
-    tau: int
-    save_worker_states: bool
+    """What the routines need of an adapter: its ranks (:class:`CheckpointRanks`), the worker layout (its resolved
+    :class:`~lightning_easgd.core.topology.WorkerTopology`, read from there only), and the options that decide what a
+    save holds. Both adapters' ``WorkerLayout`` provides it."""
 
     @property
-    def num_workers(self) -> int: ...
+    def tau(self) -> int: ...
 
     @property
-    def ranks_per_worker(self) -> int | str: ...
+    def save_worker_states(self) -> bool: ...
 
     @property
-    def worker_index(self) -> int: ...
-
-    @property
-    def rank_in_worker(self) -> int: ...
-
-    @property
-    def worker_group(self) -> dist.ProcessGroup | None: ...
+    def topology(self) -> WorkerTopology: ...
 
     @property
     def state_keys(self) -> Mapping[str, int]: ...
@@ -159,13 +151,14 @@ class WorkerCheckpointing:
             storage_options: passed to the strategy's ``checkpoint_io``.
         """
         s = self._strategy
-        k = int(s.ranks_per_worker)
-        section = checkpoint_section(averager, world_size=s.world_size, num_workers=s.num_workers,
+        t = s.topology
+        k = t.ranks_per_worker
+        section = checkpoint_section(averager, world_size=s.world_size, num_workers=t.num_workers,
                                      ranks_per_worker=k, tau=s.tau, writer=s.is_global_zero)
         if not s.save_worker_states:
             self._last = None
             return section
-        writer = s.rank_in_worker == 0
+        writer = t.rank_in_worker == 0
         rng = capture_rng_state()
         param_groups = [state["param_groups"] for state in optimizer_states]
         last = self._last
@@ -174,18 +167,18 @@ class WorkerCheckpointing:
 
         def make_state() -> dict[str, Any] | None:
             return worker_file_state(
-                save_id=save_id, worker=s.worker_index, num_workers=s.num_workers, ranks_per_worker=k,
-                worker_group=s.worker_group, rank_in_worker=s.rank_in_worker, module_state=module_state(),
+                save_id=save_id, worker=t.worker_index, num_workers=t.num_workers, ranks_per_worker=k,
+                worker_group=t.worker_group, rank_in_worker=t.rank_in_worker, module_state=module_state(),
                 keys=s.state_keys, local=averager.checkpoint_local(), optimizer_states=optimizer_states,
             )
 
         share = last.target if shared and writer and last is not None else None
-        self.files.write(filepath, save_id, s.worker_index, (lambda: None) if shared else make_state,
+        self.files.write(filepath, save_id, t.worker_index, (lambda: None) if shared else make_state,
                          storage_options, share=share)
-        target = worker_file_target(filepath, save_id, s.worker_index)
+        target = worker_file_target(filepath, save_id, t.worker_index)
         self._last = _LastSave(save_id, averager.clock, self._generation, target, rng, param_groups)
         section["save_id"] = save_id
-        section["worker_files"] = [worker_file_name(filepath, save_id, g) for g in range(s.num_workers)]
+        section["worker_files"] = [worker_file_name(filepath, save_id, g) for g in range(t.num_workers)]
         return section
 
     def _can_share(self, filepath: _PATH, averager: ElasticWorker, rng: dict[str, Any], param_groups: list[Any],
@@ -218,7 +211,7 @@ class WorkerCheckpointing:
             The optimizer and RNG states to restore (:meth:`WorkerResume.restore`), or None when the checkpoint
             holds no worker states (every worker starts from the center, with the main file's optimizer state).
         """
-        s = self._strategy
+        t = self._strategy.topology
         self.touch()
         if center is not None and all(name in center for name in averager.names):
             averager.load_state_dict({"clock": averager.clock, "center": {n: center[n] for n in averager.names}})
@@ -233,17 +226,17 @@ class WorkerCheckpointing:
         if (section.get("workers") if legacy else section.get("worker_files")) is None:
             rank_zero_warn(
                 f"EASGD resume: the checkpoint holds no worker states (saved with save_worker_states=False); all "
-                f"{s.num_workers} workers start from the center."
+                f"{t.num_workers} workers start from the center."
             )
             return None
         saved_p = int(section["world_size"] if legacy else section["num_workers"])
         saved_k = 1 if legacy else int(section["ranks_per_worker"])
-        p, k = s.num_workers, int(s.ranks_per_worker)
+        p, k = t.num_workers, t.ranks_per_worker
         if saved_p != p:
             rank_zero_warn(describe_resize(saved_p, p, averager.alpha))
         if k > saved_k:
             rank_zero_warn(describe_more_ranks(saved_k, k))
-        g, j = s.worker_index, s.rank_in_worker
+        g, j = t.worker_index, t.rank_in_worker
         if legacy:
             mine = section["workers"][g] if g < saved_p else None
             rngs = None if mine is None else [mine["rng"]]

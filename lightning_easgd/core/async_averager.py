@@ -22,23 +22,49 @@ may see slice A before and slice B after another worker's update of them; each s
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import timedelta
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.futures import Future
+from typing_extensions import override
 
 from lightning_easgd.core.center_service import CenterService, ExchangeReply, validate_transport
+from lightning_easgd.core.config import ExchangeConfig, config_from
 from lightning_easgd.core.staging import HostStaging
-from lightning_easgd.core.worker import ElasticWorker, ExchangeStats, NonFinitePolicy, NonFiniteWorkerError
+from lightning_easgd.core.worker import ElasticWorker, ExchangeStats, NonFiniteWorkerError
 
 ORDERS = ("free", "round_robin")
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 """How long an exchange, snapshot or shutdown waits on other ranks when no timeout is given (torch's default)."""
+_NO_ROUND = ("the reset rule needs every worker's difference in one round, and the asynchronous center takes them one "
+             "at a time")
+_NO_BARRIER = "a synchronous start averages gradients at a barrier every step, and the asynchronous exchange has none"
+UNUSED_OPTIONS = {
+    "center_device": (None, "the asynchronous center already lives in host memory, sharded over the ranks"),
+    "exchange_dtype": (None, "the asynchronous exchange sends x itself, in the parameters' dtype"),
+    "center_momentum": (0.0, ("the asynchronous center is updated by each worker's exchange separately, with no "
+                              "per-round increment for a velocity to accumulate")),
+    "worker_pull": ("elastic", _NO_ROUND),
+    "sync_steps": (0, _NO_BARRIER),
+    "sync_epochs": (0, _NO_BARRIER),
+}
+"""ExchangeConfig options that only the synchronous averager implements: their default, and why."""
+
+
+def refuse_unused_options(config: ExchangeConfig, owner: str) -> None:
+    """Refuse an :class:`ExchangeConfig` that sets an option asynchronous EASGD does not implement.
+
+    Raises:
+        ValueError: naming ``owner``, the option, its value and why.
+    """
+    for name, (default, why) in UNUSED_OPTIONS.items():
+        value = getattr(config, name)
+        if value != default:
+            raise ValueError(f"{owner} does not support {name}={value!r}: {why}; use the synchronous averager")
 
 
 def validate_order(order: object) -> Literal["free", "round_robin"]:
@@ -79,26 +105,32 @@ class AsyncElasticAverager(ElasticWorker):
 
     Args:
         named_tensors: the tensors that take part (parameters and floating-point buffers), with names.
-        tau: communication period in this worker's optimizer steps; exchanges at the start of steps τ, 2τ, ...
-        alpha: moving rate α in (0, 1).
+        config: the exchange's options (:class:`~lightning_easgd.core.config.ExchangeConfig`), or give them as
+            keyword arguments. Used here: τ and the warm-up (on this worker's own clock: exchanges at the start of
+            its steps τ, 2τ, ... without a warm-up), α or β, ``overlap`` (None means True), ``on_nonfinite``,
+            ``timeout`` (default 30 minutes) and ``per_tensor_distances``; the others must keep their defaults
+            (:data:`UNUSED_OPTIONS`).
         order: ``"free"``: every worker exchanges on its own clock (the paper's asynchronous rule). ``"round_robin"``:
             updates of the center happen in the fixed order worker 0, 1, ..., p−1, 0, ... (each worker's k-th
             exchange is the center's update number k·p + rank), which makes a run reproducible and equal to a
             single-process replay of Algorithm 1; workers then wait for their turn, so it is for testing. It needs
             every worker to take the same number of exchanges.
-        overlap: send the exchange before the step and apply its reply after (True), or wait for the reply before
-            the step runs (False). Same arithmetic; overlap hides the round trip behind the forward/backward.
-        on_nonfinite: what to do when this worker's x turns NaN or inf (checked before sending, so a diverged
-            worker never reaches the center). ``"raise"``: raise :class:`~lightning_easgd.core.NonFiniteWorkerError`
-            naming the worker and the step. ``"reset"``: skip the exchange and, after the step, reset the worker to
-            the current center (see :meth:`pop_resets`).
-        timeout: how long any wait on other ranks (an exchange, a snapshot barrier, the shutdown) may last before
-            raising :class:`~lightning_easgd.core.ExchangeError` (default 30 minutes).
         group: process group of the workers (default: the world).
         rpc_transport: ``"tcp"`` (default) or ``"fast"``: which TensorPipe transports carry the slices (see
             :class:`~lightning_easgd.core.center_service.CenterService`).
-        warmup_steps, warmup_tau: exchange every ``warmup_tau`` of this worker's steps during its first
-            ``warmup_steps`` steps (:class:`~lightning_easgd.core.schedule.ExchangeSchedule`).
+
+    The options, as used here:
+
+    overlap: send the exchange before the step and apply its reply after (True), or wait for the reply before
+        the step runs (False). Same arithmetic; overlap hides the round trip behind the forward/backward.
+    on_nonfinite: what to do when this worker's x turns NaN or inf (checked before sending, so a diverged
+        worker never reaches the center). ``"raise"``: raise :class:`~lightning_easgd.core.NonFiniteWorkerError`
+        naming the worker and the step. ``"reset"``: skip the exchange and, after the step, reset the worker to
+        the current center (see :meth:`pop_resets`).
+    timeout: how long any wait on other ranks (an exchange, a snapshot barrier, the shutdown) may last before
+        raising :class:`~lightning_easgd.core.ExchangeError` (default 30 minutes).
+    warmup_steps, warmup_tau: exchange every ``warmup_tau`` of this worker's steps during its first
+        ``warmup_steps`` steps (:class:`~lightning_easgd.core.schedule.ExchangeSchedule`).
 
     On CUDA the slices go to the host and the replies back on a side stream through pinned buffers: an exchange
     waits on the host only for the copy of x (and the work queued before it), never for the device as a whole.
@@ -126,24 +158,20 @@ class AsyncElasticAverager(ElasticWorker):
     def __init__(
         self,
         named_tensors: Sequence[tuple[str, Tensor]],
+        config: ExchangeConfig | None = None,
         *,
-        tau: int,
-        alpha: float,
         order: Literal["free", "round_robin"] = "free",
-        overlap: bool = True,
-        on_nonfinite: NonFinitePolicy = "raise",
-        timeout: timedelta | None = None,
         group: dist.ProcessGroup | None = None,
         rpc_transport: str = "tcp",
-        warmup_steps: int = 0,
-        warmup_tau: int = 1,
+        **options: Any,
     ) -> None:
-        # One flat vector per (device, dtype) group: the "flattened parameters" whose slices the ranks own.
-        total_mb = sum(t.numel() * t.element_size() for _, t in named_tensors) / 2**20
-        super().__init__(named_tensors, tau=tau, alpha=alpha, bucket_cap_mb=total_mb + 1.0, overlap=overlap,
-                         on_nonfinite=on_nonfinite, timeout=timeout, warmup_steps=warmup_steps, warmup_tau=warmup_tau)
+        config = config_from(config, options, type(self).__name__)
+        refuse_unused_options(config, type(self).__name__)
         self.order = validate_order(order)
         validate_transport(rpc_transport)
+        distributed = dist.is_available() and dist.is_initialized()
+        super().__init__(named_tensors, config, num_workers=dist.get_world_size(group) if distributed else 1)
+        timeout = config.timeout
         segments = []
         for bucket in self.layout.buckets:
             offsets, start = [], 0
@@ -189,23 +217,19 @@ class AsyncElasticAverager(ElasticWorker):
         size = {b.dtype: torch.empty((), dtype=b.dtype).element_size() for b in self.layout.buckets}
         return sum((b.numel - (hi - lo)) * size[b.dtype] for b, (lo, hi) in zip(self.layout.buckets, own))
 
-    @contextmanager
-    def step(self) -> Iterator[None]:
-        """Wrap one local optimizer step: ``with averager.step(): optimizer.step(closure)``.
+    @override
+    def _bucket_cap_mb(self) -> float:
+        """One flat vector per (device, dtype) group: the "flattened parameters" whose slices the ranks own
+        (``config.bucket_cap_mb`` sizes only the adapter's initial broadcast)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors) / 2**20 + 1.0
 
-        If an exchange is due, x is copied now, before the step changes anything, and sent to every owner; after
-        the step, x_i −= α·(x − x̃) with the replies. The clock advances by one. If the step raises, the replies
-        are dropped (the center has still moved: the exchange cannot be taken back) and the clock stays put.
-        """
-        self._begin()
-        try:
-            yield
-        except BaseException:
-            self._pending = None
-            self._reset_due = False
-            raise
-        self._end()
+    @override
+    def _abandon(self) -> None:
+        # The center has still moved: an exchange cannot be taken back; only this worker's side of it is dropped.
+        self._pending = None
+        self._reset_due = False
 
+    @override
     def _begin(self) -> None:
         self._check_can_step()
         if self.service.closed:
@@ -253,6 +277,7 @@ class AsyncElasticAverager(ElasticWorker):
         self._replies = replies
         return replies
 
+    @override
     def _end(self) -> None:
         if self._pending is not None:
             replies = self._replies if not self.overlap else self._collect()

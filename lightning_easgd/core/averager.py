@@ -24,29 +24,21 @@ averager around a Nesterov-momentum SGD.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import timedelta
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_easgd.core.buckets import ShardLayout, broadcast_tensors, master_dtype
 from lightning_easgd.core.center_momentum import make_center_momentum
-from lightning_easgd.core.family import GradientAverage, WorkerPull, subtract_center_step, validate_worker_pull
+from lightning_easgd.core.config import ExchangeConfig, config_from
+from lightning_easgd.core.family import GradientAverage, subtract_center_step
 from lightning_easgd.core.pinned import pinned_empty
-from lightning_easgd.core.schedule import ExchangeSchedule
 from lightning_easgd.core.staging import copy_to_host
-from lightning_easgd.core.worker import (
-    ElasticWorker,
-    ExchangeError,
-    ExchangeStats,
-    NonFinitePolicy,
-    NonFiniteWorkerError,
-)
-
-_EXCHANGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from lightning_easgd.core.worker import ElasticWorker, ExchangeError, ExchangeStats, NonFiniteWorkerError
 
 
 def _all_gather(output: Tensor, input: Tensor, group: dist.ProcessGroup | None) -> dist.Work:
@@ -56,31 +48,6 @@ def _all_gather(output: Tensor, input: Tensor, group: dist.ProcessGroup | None) 
     work = gather(output, input, group=group, async_op=True)
     assert work is not None
     return work
-
-
-def validate_exchange_dtype(exchange_dtype: object) -> torch.dtype | None:
-    """``None``, ``torch.float32`` or ``torch.bfloat16`` (also as the strings "float32"/"bfloat16", for configs)."""
-    if exchange_dtype is None:
-        return None
-    if isinstance(exchange_dtype, str) and exchange_dtype in _EXCHANGE_DTYPES:
-        return _EXCHANGE_DTYPES[exchange_dtype]
-    if exchange_dtype in _EXCHANGE_DTYPES.values():
-        return exchange_dtype  # type: ignore[return-value]
-    raise ValueError(
-        f"exchange_dtype={exchange_dtype!r} is invalid: choose None (the center's dtype), torch.float32 or "
-        "torch.bfloat16 (or the strings 'float32', 'bfloat16')"
-    )
-
-
-def validate_center_device(center_device: object) -> torch.device | None:
-    """``None`` (the tensors' device) or the host, as "cpu" or ``torch.device("cpu")``."""
-    if center_device is None:
-        return None
-    if isinstance(center_device, (str, torch.device)) and str(center_device) == "cpu":
-        return torch.device("cpu")
-    raise ValueError(
-        f"center_device={center_device!r} is invalid: choose None (the parameters' device) or 'cpu' (host memory)"
-    )
 
 
 @dataclass
@@ -100,45 +67,35 @@ class ElasticAverager(ElasticWorker):
     Args:
         named_tensors: the tensors that take part in the exchange (parameters and floating-point buffers), with
             names used in statistics and state dicts.
-        tau: communication period in optimizer steps; exchanges happen at the start of steps t = τ, 2τ, ...
-        alpha: moving rate α in (0, 1).
+        config: the exchange's options (:class:`~lightning_easgd.core.config.ExchangeConfig`: τ and the warm-up,
+            α or β, overlap, bucket size, center device, exchange dtype, center momentum, the divergence guard,
+            the timeout, per-tensor distances, the worker pull and the synchronous start), taken whole. Instead of a config, its options may be given as
+            keyword arguments (``ElasticAverager(named, tau=4, alpha=0.25)``), which builds one.
         group: process group of the workers (default: the world). With worker groups: the "column" of this rank,
             i.e. the ranks with the same rank-in-worker in every worker (rank g of it is worker g).
-        bucket_cap_mb: size of the flat buffers each all-reduce carries (None: 25 MB for host tensors, 256 MB
-            for CUDA tensors).
-        overlap: launch the all-reduce before the step and wait after it (True), or wait before the step runs.
-            Default: True, and False with ``center_device`` (which streams the buckets one by one through the
-            device before the step; True is refused there).
-        on_nonfinite: what to do when some worker's d_i is not finite (NaN or inf, e.g. after a diverging step).
-            Non-finite differences never reach the center: a worker's flag is derived from ‖d_i‖ on the device,
-            its contribution is masked to zero there, and the flag travels in the same exchange. ``"raise"``:
-            every rank raises :class:`NonFiniteWorkerError` naming the workers and the step, and the center keeps
-            its last finite value. ``"reset"``: the other workers' differences are applied as usual and the
-            flagged workers are reset to the new center (see :meth:`pop_resets`).
-        timeout: how long to wait for an exchange's collectives before raising :class:`ExchangeError`
-            (default: wait as long as the process group's own timeout allows). Honoured by gloo only: on NCCL a
-            stuck collective is ended by the process group's own timeout and watchdog (``Work.wait(timeout)`` only
-            polls on the host there, and the watchdog may abort the process first).
         worker_group: the process group of this rank's worker (k ranks holding identical weights, e.g. under
             DistributedDataParallel), or None when every rank is its own worker. Its ranks split the center.
-        center_device: None (the tensors' device) or "cpu": keep the center and d_i in (pinned, with CUDA) host
-            memory and stream them through one bucket-sized device buffer at each exchange.
-        exchange_dtype: the dtype d_i travels and is summed in (None: the center's dtype). ``torch.bfloat16``
-            halves the bytes on the wire; the center and the pull x −= α·d_i stay in full precision.
         follow_first_rank: names of tensors the ranks of a worker may hold differently (DistributedDataParallel's
             buffers, which every rank updates from its own batch and DDP overwrites with the worker's first rank's
             at each forward): before an exchange or evaluation they are broadcast from the worker's first rank.
 
-        center_momentum, center_nesterov: momentum μ in [0, 1) on the center's updates, heavy ball or Nesterov
-            (:class:`~lightning_easgd.core.center_momentum.CenterMomentum`); μ = 0 is the paper's rule.
-        warmup_steps, warmup_tau: exchange every ``warmup_tau`` steps during the first ``warmup_steps`` steps
-            (:class:`~lightning_easgd.core.schedule.ExchangeSchedule`).
-        worker_pull: ``"elastic"`` (the paper's pull x_i −= α·d_i) or ``"reset"``: after the center's step every
-            worker lands on the new center plus its own update of this step, x_i ← x_i − d_i + (x̃_new − x̃_old)
-            (local SGD, SlowMo, DiLoCo; :mod:`~lightning_easgd.core.family`).
-        sync_steps: optimizer steps t < ``sync_steps`` average the gradients over all workers (the caller calls
-            :meth:`average_gradients` between backward and the optimizer's update) and the center follows the
-            identical workers; exchanges then fall on t > N with (t − N) % τ == 0.
+    What the options mean here: the exchanges happen at the start of the steps the schedule names (t = τ, 2τ, ...
+    without a warm-up). ``overlap`` launches the all-reduce before the step and waits after it. ``on_nonfinite``:
+    non-finite differences never reach the center: a worker's flag is derived from ‖d_i‖ on the device, its
+    contribution is masked to zero there, and the flag travels in the same exchange; ``"raise"`` makes every rank
+    raise :class:`NonFiniteWorkerError` naming the workers and the step (the center keeps its last finite value),
+    ``"reset"`` applies the other workers' differences as usual and resets the flagged workers to the new center
+    (see :meth:`pop_resets`). ``timeout`` is honoured by gloo only: on NCCL a stuck collective is ended by the
+    process group's own timeout and watchdog (``Work.wait(timeout)`` only polls on the host there, and the
+    watchdog may abort the process first). ``center_device="cpu"`` keeps the center and d_i in (pinned, with CUDA)
+    host memory and streams them through one bucket-sized device buffer at each exchange. ``exchange_dtype``
+    bfloat16 halves the bytes on the wire; the center and the pull x −= α·d_i stay in full precision.
+    ``worker_pull="reset"``: after the center's step every worker lands on the new center plus its own update of this
+    step, x_i ← x_i − d_i + (x̃_new − x̃_old) (local SGD, SlowMo, DiLoCo; :mod:`~lightning_easgd.core.family`).
+    ``sync_steps``: optimizer steps t < N average the gradients over all workers (the caller calls
+    :meth:`average_gradients` between backward and the optimizer's update, while :attr:`synchronous`) and the
+    center follows the identical workers; exchanges then fall on t > N with (t − N) % τ == 0. ``sync_epochs`` is
+    turned into steps by the adapter, once an epoch's length is known (:meth:`set_sync_steps`).
 
     Memory on each rank besides the model, with k ranks per worker: the center slice, the d_i slice and (with more
     than one worker) the reduction slice, ⌈n/k⌉ elements each per bucket of n (float32 for 16-bit tensors), plus
@@ -149,36 +106,17 @@ class ElasticAverager(ElasticWorker):
     def __init__(
         self,
         named_tensors: Sequence[tuple[str, Tensor]],
+        config: ExchangeConfig | None = None,
         *,
-        tau: int,
-        alpha: float,
         group: dist.ProcessGroup | None = None,
-        bucket_cap_mb: float | None = None,
-        overlap: bool | None = None,
-        on_nonfinite: NonFinitePolicy = "raise",
-        timeout: timedelta | None = None,
         worker_group: dist.ProcessGroup | None = None,
-        center_device: str | torch.device | None = None,
-        exchange_dtype: str | torch.dtype | None = None,
         follow_first_rank: Sequence[str] = (),
-        center_momentum: float = 0.0,
-        center_nesterov: bool = False,
-        warmup_steps: int = 0,
-        warmup_tau: int = 1,
-        worker_pull: WorkerPull = "elastic",
-        sync_steps: int = 0,
+        **options: Any,
     ) -> None:
-        self.worker_pull = validate_worker_pull(worker_pull)
-        self._host = validate_center_device(center_device)
-        if overlap is None:
-            overlap = self._host is None
-        if overlap is True and self._host is not None:
-            raise ValueError(
-                "overlap=True cannot be combined with center_device='cpu': a host-resident center is streamed "
-                "through one device buffer bucket by bucket before the step, so nothing is left to overlap; pass "
-                "overlap=False (the default with center_device='cpu')"
-            )
-        self._wire_dtype = validate_exchange_dtype(exchange_dtype)
+        config = config_from(config, options, type(self).__name__)
+        self.worker_pull = config.worker_pull
+        self._host = config.center_device
+        self._wire_dtype = config.exchange_dtype
         distributed = dist.is_available() and dist.is_initialized()
         self.group = group
         self.worker_group = worker_group
@@ -191,11 +129,9 @@ class ElasticAverager(ElasticWorker):
         self._global_rank = dist.get_rank() if distributed else 0
         self._nccl = distributed and dist.get_backend(group) == "nccl"
         self._follow_names = tuple(follow_first_rank)
-        super().__init__(named_tensors, tau=tau, alpha=alpha, bucket_cap_mb=bucket_cap_mb, overlap=overlap,
-                         on_nonfinite=on_nonfinite, timeout=timeout, warmup_steps=warmup_steps, warmup_tau=warmup_tau,
-                         sync_steps=sync_steps)
+        super().__init__(named_tensors, config, num_workers=self.world_size)
         # The velocity has the center's shape: with worker groups, this rank's slice of it.
-        self.center_momentum = make_center_momentum(self._center, center_momentum, center_nesterov)
+        self.center_momentum = make_center_momentum(self._center, config.center_momentum, config.center_nesterov)
         unknown = set(self._follow_names) - set(self.names)
         if unknown:
             raise ValueError(f"follow_first_rank names tensors that are not averaged: {sorted(unknown)}")
@@ -265,11 +201,16 @@ class ElasticAverager(ElasticWorker):
 
     def set_sync_steps(self, sync_steps: int) -> None:
         """Set the synchronous start's length once it is known (``sync_epochs`` × the steps of an epoch), before
-        training; the schedule stays a function of the clock."""
+        training; the config and the schedule stay a function of the clock.
+
+        Raises:
+            RuntimeError: during an optimizer step.
+            ValueError: for an invalid length (as :class:`~lightning_easgd.core.config.ExchangeConfig` checks it).
+        """
         if self._pending is not None or self._sync is not None:
             raise RuntimeError("the synchronous start cannot change during an optimizer step")
-        schedule = self.schedule
-        self.schedule = ExchangeSchedule(schedule.tau, schedule.warmup_steps, schedule.warmup_tau, sync_steps)
+        self.config = replace(self.config, sync_steps=sync_steps, sync_epochs=0)
+        self.schedule = self.config.schedule
 
     @property
     def buffer_bytes(self) -> int:
@@ -292,23 +233,6 @@ class ElasticAverager(ElasticWorker):
 
     # ------------------------------------------------------------------ the exchange
 
-    @contextmanager
-    def step(self) -> Iterator[None]:
-        """Wrap one local optimizer step: ``with averager.step(): optimizer.step(closure)``.
-
-        If an exchange is due, d_i is measured now, before the step changes anything, and its all-reduce is
-        started; after the step the elastic pull is applied to the worker and the center. The clock advances by
-        one. If the step raises, the exchange is abandoned and the clock stays put.
-        """
-        self._begin()
-        try:
-            yield
-        except BaseException:
-            self._pending = None
-            self._sync = None
-            raise
-        self._end()
-
     @property
     def synchronous(self) -> bool:
         """Whether the next optimizer step belongs to the synchronous start (its gradients must be averaged)."""
@@ -329,6 +253,12 @@ class ElasticAverager(ElasticWorker):
             self._average(parameters)
             self._sync = True
 
+    @override
+    def _abandon(self) -> None:
+        super()._abandon()
+        self._sync = None
+
+    @override
     def _begin(self) -> None:
         self._check_can_step()
         if self._sync is not None:
@@ -396,6 +326,7 @@ class ElasticAverager(ElasticWorker):
                 f"{'' if self.timeout is None else f' (timeout {self.timeout.total_seconds():g} s)'}; {consequence}."
             ) from error
 
+    @override
     def _end(self) -> None:
         if self._sync is not None:
             averaged, self._sync = self._sync, None
@@ -661,7 +592,7 @@ class ElasticAverager(ElasticWorker):
     def _local_stats(self) -> Tensor:
         """This rank's ``[‖d‖², ‖d_t‖² per tensor (when tracked per tensor), ‖x̃‖² (when tracked)]``, float64 on the
         tensors' device. Sums over this rank's slice only; a worker group all-reduces them to the worker's."""
-        n = len(self.tensors) if self._track else 0
+        n = len(self.tensors) if self.config.per_tensor_distances else 0  # the same size on every rank
         out = torch.zeros(2 + n, dtype=torch.float64, device=self._diff[0].device)
         if self._diff_seg:
             squares = torch.stack(torch._foreach_norm(self._diff_seg, 2, dtype=torch.float64)).square()

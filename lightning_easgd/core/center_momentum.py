@@ -93,13 +93,13 @@ class CenterMomentum:
 
     Args:
         center: the center's flat buffers, which :meth:`apply` updates in place.
-        momentum: μ in [0, 1).
+        momentum: μ in [0, 1) (validated once, by :class:`~lightning_easgd.core.config.ExchangeConfig`).
         nesterov: use the Nesterov form instead of heavy ball.
     """
 
     def __init__(self, center: Sequence[Tensor], momentum: float, nesterov: bool = False) -> None:
-        self.momentum = validate_center_momentum(momentum)
-        self.nesterov = validate_center_nesterov(nesterov)
+        self.momentum = momentum
+        self.nesterov = nesterov
         self.velocity: list[Tensor] = [torch.zeros_like(flat) for flat in center]
 
     def apply(self, center: Sequence[Tensor], sums: Sequence[Tensor], alpha: float) -> None:
@@ -141,7 +141,6 @@ class CenterMomentum:
 
 def make_center_momentum(center: Sequence[Tensor], momentum: float, nesterov: bool) -> CenterMomentum | None:
     """A :class:`CenterMomentum` for ``center``, or None for μ = 0, which keeps the paper's update untouched (not
-    a momentum update with μ = 0, whose rounding differs); both arguments are validated either way."""
-    momentum = validate_center_momentum(momentum)
-    nesterov = validate_center_nesterov(nesterov)
+    a momentum update with μ = 0, whose rounding differs). The arguments come from a validated
+    :class:`~lightning_easgd.core.config.ExchangeConfig`."""
     return CenterMomentum(center, momentum, nesterov) if momentum > 0.0 else None

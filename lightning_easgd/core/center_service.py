@@ -34,8 +34,8 @@ from torch import Tensor
 from torch.distributed import rpc
 from torch.futures import Future
 
-from lightning_easgd.core.averager import ExchangeError
 from lightning_easgd.core.buckets import master_dtype
+from lightning_easgd.core.worker import ExchangeError
 
 RENDEZVOUS_SCHEME = "easgd-center"
 """URL scheme of the rendezvous handler that hands RPC the store this module creates (see :class:`CenterService`)."""

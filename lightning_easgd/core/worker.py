@@ -10,18 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import Literal
 
 import torch
 from torch import Tensor
 
 from lightning_easgd.core.buckets import FlatLayout
 from lightning_easgd.core.center_momentum import CenterMomentum
-from lightning_easgd.core.hyperparams import validate_alpha
-from lightning_easgd.core.schedule import ExchangeSchedule
-
-NonFinitePolicy = Literal["raise", "reset"]
+from lightning_easgd.core.config import ExchangeConfig, NonFinitePolicy
 
 
 class NonFiniteWorkerError(RuntimeError):
@@ -59,40 +54,27 @@ class ExchangeStats:
 
 
 class ElasticWorker:
-    """One worker's side of EASGD, minus the exchange itself (subclasses implement ``step()``).
+    """One worker's side of EASGD: the step template, its copy of the center, and evaluation on it.
 
-    Subclasses set ``self._local_views`` (where the local values wait while the center is swapped in) and, if
-    their copy of the center can go stale, override :meth:`_refresh_center`. A subclass that keeps only part of the
-    center (the synchronous averager with worker groups) overrides :meth:`_init_center` and the methods that move
-    the center and the local values.
+    :meth:`step` is the one template every exchange algorithm runs: :meth:`_begin` (before the local step: measure,
+    start the exchange), :meth:`_end` (after it: apply the exchange, advance the clock), :meth:`_abandon` (the step
+    raised). Subclasses implement those hooks, set ``self._local_views`` (where the local values
+    wait while the center is swapped in) and, if their copy of the center can go stale, override
+    :meth:`_refresh_center`. A subclass that keeps only part of the center (the synchronous averager with worker
+    groups) overrides :meth:`_init_center` and the methods that move the center and the local values.
 
     Args:
         named_tensors: the tensors that take part in the exchange (parameters and floating-point buffers).
-        tau: communication period in optimizer steps.
-        alpha: moving rate α in (0, 1).
-        bucket_cap_mb: size of the flat buffers the tensors are grouped into (None: a default for the tensors'
-            device, see :func:`~lightning_easgd.core.buckets.resolve_bucket_cap_mb`).
-        overlap: run the exchange's communication during the local step (True) or before it.
-        on_nonfinite: ``"raise"`` or ``"reset"``: what to do with a worker whose weights turned NaN or inf.
-        timeout: how long to wait for the exchange's communication before raising.
-        warmup_steps, warmup_tau: exchange every ``warmup_tau`` steps during the first ``warmup_steps`` steps
-            (:class:`~lightning_easgd.core.schedule.ExchangeSchedule`).
-        sync_steps: the length of a synchronous start, in optimizer steps (0: none); the schedule's.
+        config: the exchange's options, already validated (:class:`~lightning_easgd.core.config.ExchangeConfig`).
+        num_workers: p, the number of workers (resolves α = β/p when ``config.alpha`` is None).
     """
 
     def __init__(
         self,
         named_tensors: Sequence[tuple[str, Tensor]],
+        config: ExchangeConfig,
         *,
-        tau: int,
-        alpha: float,
-        bucket_cap_mb: float | None,
-        overlap: bool,
-        on_nonfinite: NonFinitePolicy,
-        timeout: timedelta | None,
-        warmup_steps: int = 0,
-        warmup_tau: int = 1,
-        sync_steps: int = 0,
+        num_workers: int,
     ) -> None:
         if not named_tensors:
             raise ValueError("named_tensors is empty: EASGD needs at least one tensor to average")
@@ -103,32 +85,64 @@ class ElasticWorker:
             if not t.is_floating_point():
                 raise ValueError(f"tensor {name!r} has dtype {t.dtype}: only floating-point tensors can be averaged")
         self.tensors: list[Tensor] = [t for _, t in named_tensors]
-        self.schedule = ExchangeSchedule(tau, warmup_steps, warmup_tau, sync_steps)
+        self.config = config
+        """The exchange's options (validated once, when the config was built)."""
+        self.schedule = config.schedule
         """Which optimizer steps start with an exchange: a function of :attr:`clock` alone."""
-        self.tau = self.schedule.tau
-        self.alpha = validate_alpha(alpha)
-        if not isinstance(overlap, bool):
-            raise ValueError(f"overlap={overlap!r} is invalid: it must be True or False")
-        self.overlap = overlap
-        if on_nonfinite not in ("raise", "reset"):
-            raise ValueError(f"on_nonfinite={on_nonfinite!r} is invalid: choose 'raise' or 'reset'")
-        self.on_nonfinite: NonFinitePolicy = on_nonfinite
-        if timeout is not None and (not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0):
-            raise ValueError(f"timeout={timeout!r} is invalid: it must be a positive datetime.timedelta")
-        self.timeout = timeout
+        self.tau = config.tau
+        self.alpha = config.moving_rate(num_workers)
+        self.overlap: bool = bool(config.overlap)
+        self.on_nonfinite: NonFinitePolicy = config.on_nonfinite
+        self.timeout = config.timeout
         self.clock = 0
-        """Optimizer steps this worker has taken; the exchange happens when it is a positive multiple of τ."""
+        """Optimizer steps this worker has taken; the exchange happens when :attr:`schedule` says so."""
 
-        self.layout = FlatLayout(self.tensors, bucket_cap_mb)
+        self.layout = FlatLayout(self.tensors, self._bucket_cap_mb())
         self._local_views: list[Tensor] = []
         self._init_center()
         self._pending: object | None = None  # the exchange in flight during a step
         self._center_in_use = False
-        self._track: bool | None = None  # None: no statistics; False: totals; True: totals and per tensor
+        self._track: bool | None = None  # None: no statistics; else whether per tensor too (config's choice)
         self._stats: list[ExchangeStats] = []
         self._resets: list[tuple[int, tuple[int, ...]]] = []
         self.center_momentum: CenterMomentum | None = None
         """Momentum on the center's updates, where the exchange algorithm supports it (None: the paper's rule)."""
+
+    # ------------------------------------------------------------------ the step template
+
+    @contextmanager
+    def step(self) -> Iterator[None]:
+        """Wrap one local optimizer step: ``with averager.step(): optimizer.step(closure)``.
+
+        If an exchange is due, it starts now, before the step changes anything (:meth:`_begin`), and is applied
+        after the step (:meth:`_end`, which advances the clock by one). If the step raises, the exchange is
+        abandoned (:meth:`_abandon`) and the clock stays put.
+        """
+        self._begin()
+        try:
+            yield
+        except BaseException:
+            self._abandon()
+            raise
+        self._end()
+
+    def _begin(self) -> None:
+        """Before the local step: refuse a nested step (:meth:`_check_can_step`) and start the exchange if one is
+        due (:attr:`exchange_due`). Callers that frame the step themselves call :meth:`_begin` and :meth:`_end`."""
+        raise NotImplementedError
+
+    def _end(self) -> None:
+        """After the local step: complete the exchange started by :meth:`_begin`, if any, and advance the clock."""
+        raise NotImplementedError
+
+    def _abandon(self) -> None:
+        """The local step raised: forget the exchange in flight (the clock stays put)."""
+        self._pending = None
+
+    def _bucket_cap_mb(self) -> float | None:
+        """The size of the flat buffers the tensors are grouped into: ``config.bucket_cap_mb`` (None: a default for
+        the tensors' device, see :func:`~lightning_easgd.core.buckets.resolve_bucket_cap_mb`)."""
+        return self.config.bucket_cap_mb
 
     def _init_center(self) -> None:
         """Allocate this worker's copy of the center and start it at the tensors' values (all ranks agree on them).
@@ -158,9 +172,25 @@ class ElasticWorker:
 
     # ------------------------------------------------------------------ statistics and resets
 
-    def track_distances(self, per_tensor: bool = False) -> None:
-        """Record :class:`ExchangeStats` at every exchange from now on (per tensor too with ``per_tensor``)."""
-        self._track = bool(per_tensor) or bool(self._track)
+    def track_distances(self, per_tensor: bool | None = None) -> None:
+        """Record :class:`ExchangeStats` at every exchange from now on, per tensor too when the config's
+        ``per_tensor_distances`` says so.
+
+        Args:
+            per_tensor: if given, must match ``config.per_tensor_distances``: the per-tensor distances ride in the
+                exchange's collective, whose size every rank must agree on, so one rank cannot turn them on alone.
+
+        Raises:
+            ValueError: if ``per_tensor`` differs from the config's ``per_tensor_distances``.
+        """
+        if per_tensor is not None and per_tensor != self.config.per_tensor_distances:
+            raise ValueError(
+                f"track_distances(per_tensor={per_tensor!r}) differs from this exchange's "
+                f"per_tensor_distances={self.config.per_tensor_distances!r}: per-tensor distances change the size of "
+                "the exchange's all-reduce, so they are chosen once for every rank; build the exchange with "
+                f"per_tensor_distances={per_tensor!r} (EASGDStrategy(per_tensor_distances=...))"
+            )
+        self._track = self.config.per_tensor_distances
 
     def pop_stats(self) -> list[ExchangeStats]:
         """Statistics of the exchanges since the last call, oldest first."""

@@ -38,12 +38,11 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_easgd.adapter.layout import WorkerLayout
-from lightning_easgd.adapter.options import ExchangeOptions, worker_ddp_options
 from lightning_easgd.checkpoint.atomic_io import AtomicCheckpointIO
 from lightning_easgd.checkpoint.routines import WorkerCheckpointing, hyperparameters_only
 from lightning_easgd.checkpoint.section import CHECKPOINT_KEY, check_section
 from lightning_easgd.checkpoint.worker_files import CHECKPOINT_FORMAT
-from lightning_easgd.core import DEFAULT_BETA, ElasticAverager
+from lightning_easgd.core import DEFAULT_BETA, ElasticAverager, ExchangeConfig
 from lightning_easgd.core.family import WorkerPull
 from lightning_easgd.core.worker import NonFinitePolicy
 
@@ -90,9 +89,10 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
         ranks_per_worker: k, the ranks that form one EASGD worker, or ``"node"``; as for
             :class:`~lightning_easgd.EASGDStrategy`. With k > 1 ``fabric.setup`` wraps the model in
             DistributedDataParallel on the worker's process group, and ``fabric.no_backward_sync`` is its ``no_sync``.
-        center_device, exchange_dtype, center_momentum, center_nesterov, warmup_steps, warmup_tau: as for
-            :class:`~lightning_easgd.EASGDStrategy` (a host-resident center, a bfloat16 exchange, momentum on the
-            center, whose velocity travels in ``fabric.save`` checkpoints, and a warm-up exchange schedule).
+        center_device, exchange_dtype, center_momentum, center_nesterov, warmup_steps, warmup_tau,
+        per_tensor_distances: as for :class:`~lightning_easgd.EASGDStrategy` (a host-resident center, a bfloat16
+            exchange, momentum on the center, whose velocity travels in ``fabric.save`` checkpoints, a warm-up
+            exchange schedule, and every tensor's distance to the center measured at each exchange).
         worker_pull, sync_steps: as for :class:`~lightning_easgd.EASGDStrategy` (the reset rule of local SGD, SlowMo
             and DiLoCo; a synchronous start). In the synchronous start the gradients are averaged over the workers at
             ``fabric.clip_gradients`` if the step clips (so clipping sees DDP's averaged gradients), else at
@@ -108,7 +108,8 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
 
     Raises:
         ValueError: for an invalid option (same checks and messages as :class:`~lightning_easgd.EASGDStrategy`:
-            :meth:`~lightning_easgd.adapter.options.ExchangeOptions.validated`), and options of DistributedDataParallel
+            :class:`~lightning_easgd.core.config.ExchangeConfig` and
+            :class:`~lightning_easgd.adapter.options.AdapterOptions`), and options of DistributedDataParallel
             other than those the DDP inside a worker group takes. At setup: a world size that ``ranks_per_worker``
             does not divide.
         TypeError: for any other unknown keyword argument.
@@ -132,6 +133,7 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
         center_nesterov: bool = False,
         warmup_steps: int = 0,
         warmup_tau: int = 1,
+        per_tensor_distances: bool = False,
         worker_pull: WorkerPull = "elastic",
         sync_steps: int = 0,
         sync_epochs: int = 0,
@@ -145,22 +147,14 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **kwargs: Any,
     ) -> None:
-        owner = type(self).__name__
-        self._worker_ddp_kwargs = worker_ddp_options(kwargs, owner, grouped=ranks_per_worker != 1)
-        options = ExchangeOptions.validated(
-            owner=owner, tau=tau, alpha=alpha, beta=beta, overlap=overlap, bucket_cap_mb=bucket_cap_mb,
-            save_worker_states=save_worker_states, on_nonfinite=on_nonfinite, ranks_per_worker=ranks_per_worker,
-            center_device=center_device, exchange_dtype=exchange_dtype, center_momentum=center_momentum,
-            center_nesterov=center_nesterov, warmup_steps=warmup_steps, warmup_tau=warmup_tau, timeout=timeout,
-            start_method=start_method, worker_pull=worker_pull, sync_steps=sync_steps, sync_epochs=sync_epochs,
-        )
-        if options.sync_epochs:
+        self._keep_options(locals())  # the adapter's own options, and those this class does not implement
+        self.config = ExchangeConfig.from_options(locals())  # the exchange's options, validated once, in the core
+        if self.config.sync_epochs:
             raise ValueError(
-                f"{owner} does not accept sync_epochs={options.sync_epochs}: Fabric never sees the training loop's "
-                "length, so the epochs cannot be turned into optimizer steps; pass sync_steps = epochs x optimizer "
-                "steps per epoch instead"
+                f"{type(self).__name__} does not accept sync_epochs={self.config.sync_epochs}: Fabric never sees the "
+                "training loop's length, so the epochs cannot be turned into optimizer steps; pass sync_steps = "
+                "epochs x optimizer steps per epoch instead"
             )
-        self._keep_options(options)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -168,7 +162,7 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
             checkpoint_io=AtomicCheckpointIO() if checkpoint_io is None else checkpoint_io,
             precision=precision,
             process_group_backend=process_group_backend,
-            timeout=options.timeout,
+            timeout=timeout,
             start_method=start_method,
         )
         self._backward_sync_control = _WorkerGradientSync()
@@ -210,6 +204,11 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
         else:
             self._wrapped = module
         return self._wrapped
+
+    @override
+    def teardown(self) -> None:
+        super().teardown()
+        self._release_groups()
 
     @override
     def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:

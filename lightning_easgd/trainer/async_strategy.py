@@ -8,8 +8,9 @@ served over ``torch.distributed.rpc``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
@@ -26,6 +27,9 @@ from lightning_easgd.core.async_averager import AsyncElasticAverager, async_stab
 from lightning_easgd.core.center_service import validate_transport
 from lightning_easgd.core.worker import NonFinitePolicy
 from lightning_easgd.trainer.strategy import EASGDStrategy
+
+_SYNCHRONOUS_ONLY = ("worker groups, a host-resident center and the exchange dtype belong to the synchronous averager "
+                     "of EASGDStrategy")
 
 
 class AsyncEASGDStrategy(EASGDStrategy):
@@ -85,6 +89,10 @@ class AsyncEASGDStrategy(EASGDStrategy):
     """
 
     strategy_name = "easgd_async"
+    unsupported_options: ClassVar[Mapping[str, tuple[Any, str]]] = {
+        name: (default, _SYNCHRONOUS_ONLY)
+        for name, default in (("ranks_per_worker", 1), ("center_device", None), ("exchange_dtype", None))
+    }
 
     def __init__(
         self,
@@ -140,18 +148,16 @@ class AsyncEASGDStrategy(EASGDStrategy):
         return self._averager
 
     @override
-    def _create_averager(self, elastic: list[tuple[str, Tensor]], alpha: float) -> AsyncElasticAverager:
+    def _create_averager(self, elastic: list[tuple[str, Tensor]]) -> AsyncElasticAverager:
         """Start the center service (collective) after checking (η, α) against the paper's stability region."""
         rates = [group["lr"] for opt in self.optimizers for group in opt.param_groups if "lr" in group]
+        alpha = self.config.moving_rate(self.num_workers)
         if rates:
             warning = async_stability_warning(alpha, float(max(rates)))
             if warning:
                 rank_zero_warn(warning)
         self._interrupted = False
-        return AsyncElasticAverager(elastic, tau=self.tau, alpha=alpha, order=self.order, overlap=self.overlap,
-                                    on_nonfinite=self.on_nonfinite, timeout=self._timeout,
-                                    rpc_transport=self.rpc_transport, warmup_steps=self.warmup_steps,
-                                    warmup_tau=self.warmup_tau)
+        return AsyncElasticAverager(elastic, self.config, order=self.order, rpc_transport=self.rpc_transport)
 
     @override
     def on_exception(self, exception: BaseException) -> None:

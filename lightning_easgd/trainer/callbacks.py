@@ -40,7 +40,8 @@ class ElasticDistanceMonitor(Callback):
     values are kept in :attr:`last_metrics`.
 
     Args:
-        per_layer: also log the distance of every parameter and buffer tensor.
+        per_layer: also log the distance of every parameter and buffer tensor; the strategy must measure them
+            (``EASGDStrategy(per_tensor_distances=True)``), identically on every rank.
         per_rank: also log every worker's own distance (named ``rank{i}`` for worker i).
         log_every_n_exchanges: log the exchanges k = 1, 2, ... (k = t/τ without a warm-up) with k % n == 0.
     """
@@ -67,12 +68,18 @@ class ElasticDistanceMonitor(Callback):
                 "ElasticDistanceMonitor needs an EASGD strategy (strategy='easgd' or EASGDStrategy(...)); this "
                 f"Trainer uses {type(trainer.strategy).__name__}"
             )
+        if self.per_layer and not trainer.strategy.config.per_tensor_distances:
+            raise ValueError(
+                "ElasticDistanceMonitor(per_layer=True) needs the strategy to measure per-tensor distances: pass "
+                f"{type(trainer.strategy).__name__}(per_tensor_distances=True) (they enlarge the exchange's all-reduce, "
+                "so every rank must agree on them through the strategy, not through a callback)"
+            )
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         averager = self._strategy(trainer).averager
         assert averager is not None
-        averager.track_distances(per_tensor=self.per_layer)
+        averager.track_distances()
 
     @override
     def on_train_batch_end(
@@ -105,7 +112,7 @@ class ElasticDistanceMonitor(Callback):
             for rank, (d, r) in enumerate(zip(distances.tolist(), relative.tolist())):
                 metrics[f"distance_rank{rank}"] = d
                 metrics[f"relative_distance_rank{rank}"] = r
-        if stats.layer_distances is not None:
+        if self.per_layer and stats.layer_distances is not None:
             for j, name in enumerate(names):
                 column = stats.layer_distances[:, j]
                 metrics[f"layer/{name}/distance_mean"] = float(column.mean())

@@ -40,9 +40,8 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_easgd.adapter.layout import WorkerLayout
-from lightning_easgd.adapter.options import ExchangeOptions, Unsupported, worker_ddp_options
 from lightning_easgd.checkpoint.atomic_io import AtomicCheckpointIO
-from lightning_easgd.core import DEFAULT_BETA, ElasticAverager
+from lightning_easgd.core import DEFAULT_BETA, ElasticAverager, ExchangeConfig
 from lightning_easgd.core.family import WorkerPull, steps_for_epochs
 from lightning_easgd.core.worker import ElasticWorker, NonFinitePolicy
 from lightning_easgd.trainer.checkpoints import WorkerCheckpoints
@@ -116,6 +115,10 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
             every ``tau`` steps afterwards (on the multiples of tau, as without a warm-up). 0 (default): no warm-up.
             The schedule depends only on the clock, so resuming keeps it exact.
         warmup_tau: the communication period during the warm-up, in [1, tau].
+        per_tensor_distances: the exchange also measures every tensor's distance to the center, for
+            ``ElasticDistanceMonitor(per_layer=True)``. It enlarges the exchange's all-reduce, so it is a setting of
+            the strategy, the same on every rank (a per-rank switch would make the ranks' all-reduces differ in
+            size, which hangs NCCL). Default False.
         worker_pull: ``"elastic"`` (default: the paper's pull x_i −= α·d_i) or ``"reset"``: at an exchange every
             worker lands on the new center plus its own update of that step, x_i ← x_i − d_i + (x̃_new − x̃_old), and β
             is the outer learning rate, allowed in (0, 2) and below the center momentum's bound. Periodic averaging
@@ -169,6 +172,7 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
         center_nesterov: bool = False,
         warmup_steps: int = 0,
         warmup_tau: int = 1,
+        per_tensor_distances: bool = False,
         worker_pull: WorkerPull = "elastic",
         sync_steps: int = 0,
         sync_epochs: int = 0,
@@ -182,22 +186,8 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **kwargs: Any,
     ) -> None:
-        owner = type(self).__name__
-        self._worker_ddp_kwargs = worker_ddp_options(kwargs, owner, grouped=ranks_per_worker != 1)
-        options = ExchangeOptions.validated(
-            owner=owner, tau=tau, alpha=alpha, beta=beta, overlap=overlap, bucket_cap_mb=bucket_cap_mb,
-            save_worker_states=save_worker_states, on_nonfinite=on_nonfinite, ranks_per_worker=ranks_per_worker,
-            center_device=center_device, exchange_dtype=exchange_dtype, center_momentum=center_momentum,
-            center_nesterov=center_nesterov, warmup_steps=warmup_steps, warmup_tau=warmup_tau, timeout=timeout,
-            start_method=start_method, worker_pull=worker_pull, sync_steps=sync_steps, sync_epochs=sync_epochs,
-            # A subclass that builds another exchange (AsyncEASGDStrategy) would otherwise ignore these.
-            unsupported=None if type(self)._create_averager is EASGDStrategy._create_averager else Unsupported(
-                {"ranks_per_worker": 1, "center_device": None, "exchange_dtype": None},
-                "worker groups, a host-resident center and the exchange dtype belong to the synchronous averager of "
-                "EASGDStrategy",
-            ),
-        )
-        self._keep_options(options)
+        self._keep_options(locals())  # the adapter's own options, and those this class does not implement
+        self.config = ExchangeConfig.from_options(locals())  # the exchange's options, validated once, in the core
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -294,19 +284,20 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
         assert module is not None
         self._averager = self._start_exchange(module, "EASGDStrategy", self._create_averager)
 
-    def _create_averager(self, elastic: list[tuple[str, Tensor]], alpha: float) -> ElasticWorker:
+    def _create_averager(self, elastic: list[tuple[str, Tensor]]) -> ElasticWorker:
         """Build the exchange over ``elastic`` (all ranks hold equal values here); subclasses swap the algorithm."""
-        return self._elastic_averager(elastic, alpha)
+        return self._elastic_averager(elastic)
 
     @override
     def teardown(self) -> None:
         if self._patched_loop is not None:
             del self._patched_loop._broadcast_sigterm_tensor  # back to the class's method
             self._patched_loop = None
+        failed = self._failed
         if self._averager is not None:
             module = self.lightning_module
             grouped = self._topology is not None and self._topology.worker_group is not None
-            if self._failed and grouped:
+            if failed and grouped:
                 pass  # swapping needs the worker's other ranks, which may be gone: leave the tensors as they are
             elif module is not None and module._trainer is not None and module.trainer.state.fn == TrainerFn.FITTING:
                 # The center is the model: the user's module (and what spawn/fork send back) holds it after fit.
@@ -319,6 +310,7 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
             # Unwrap here: DDPStrategy.teardown would suggest static_graph=True, a DDP option this strategy refuses.
             self.model = self.lightning_module
         super().teardown()
+        self._release_groups(destroy=not failed)
 
     @override
     def on_exception(self, exception: BaseException) -> None:

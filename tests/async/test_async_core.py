@@ -111,7 +111,7 @@ def _single(alpha: float = 0.5, **kwargs: object) -> tuple[AsyncElasticAverager,
 
 
 def test_single_worker_rule_and_interface() -> None:
-    averager, w = _single()
+    averager, w = _single(per_tensor_distances=True)
     try:
         averager.track_distances(per_tensor=True)
         with averager.step():  # t = 0: no exchange

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_easgd.core import ElasticAverager, FlatLayout
+from lightning_easgd.core import ElasticAverager, ElasticWorker, FlatLayout
 
 
 def test_layout_groups_by_dtype_and_caps_buckets() -> None:
@@ -91,3 +91,32 @@ def test_misuse_is_reported() -> None:
         avg.restore_local()
     with pytest.raises(ValueError, match="only floating-point tensors"):
         ElasticAverager([("steps", torch.zeros(1, dtype=torch.long))], tau=1, alpha=0.5)
+
+
+def test_one_step_template_for_both_averagers() -> None:
+    """Both exchange algorithms run ElasticWorker.step(): their own code is the _begin/_end/_abandon hooks."""
+    from lightning_easgd.core.async_averager import AsyncElasticAverager
+
+    for averager in (ElasticAverager, AsyncElasticAverager):
+        assert averager.step is ElasticWorker.step, averager.__name__
+        assert averager._begin is not ElasticWorker._begin and averager._end is not ElasticWorker._end
+    w = torch.zeros(2)
+    averager = ElasticAverager([("w", w)], tau=1, alpha=0.5)
+    with pytest.raises(ZeroDivisionError), averager.step():
+        _ = 1 / 0
+    assert averager.clock == 0  # a step that raised does not count
+    with averager.step():
+        w.add_(1.0)
+    assert averager.clock == 1
+
+
+def test_topology_resolves_node_once_and_checks_the_world() -> None:
+    from lightning_easgd.core.topology import WorkerTopology
+
+    # "node" is the processes per node: 8 ranks on 2 nodes of 4 give 2 workers; global rank 5 is worker 1, slot 1.
+    assert WorkerTopology.resolve("node", 8, 5, 4) == WorkerTopology(4, 2, 1, 1)
+    assert WorkerTopology.resolve(2, 6, 3, 6) == WorkerTopology(2, 3, 1, 1)
+    single = WorkerTopology.resolve(1, 3, 2, 3)
+    assert single == WorkerTopology(1, 3, 2, 0) and single.with_groups() is single  # no groups to build
+    with pytest.raises(ValueError, match=r"ranks_per_worker=4 does not divide the world size 6"):
+        WorkerTopology.resolve("node", 6, 0, 4)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_easgd.core import ElasticAverager, ExchangeSchedule
+from lightning_easgd.core import ElasticAverager, ExchangeConfig, ExchangeSchedule
 from lightning_easgd.core.family import check_reset_beta, reset_beta_bound
 
 # ---------------------------------------------------------------------------------------------- the reset rule
@@ -34,6 +34,35 @@ def test_single_worker_reset_lands_on_the_new_center_plus_its_update(momentum: f
             velocity = momentum * velocity + s
             step = (momentum * velocity + s if nesterov else velocity) if momentum else s
             center = center + step
+            expected = center + update
+        else:
+            expected = before + update
+        assert torch.allclose(x, expected, rtol=0, atol=1e-12), f"step {t}"
+        assert torch.allclose(avg.center_values()[0], center, rtol=0, atol=1e-12), f"step {t}"
+
+
+def test_reset_takes_beta_as_an_outer_learning_rate_even_for_one_worker() -> None:
+    """With worker_pull='reset' β is the outer learning rate in (0, 2) (below the momentum's bound): α = β/p weighs
+    Σ_i d_i in the center's step and is not a pull, so one worker may take β ≥ 1 (α = β); the elastic rule still
+    refuses that α, and the reset bound still applies."""
+    assert ExchangeConfig(beta=1.5, worker_pull="reset").check_moving_rate(1) is None
+    with pytest.raises(ValueError, match=r"alpha=1.5 is invalid: the moving rate must lie in \(0, 1\)"):
+        ExchangeConfig(beta=1.5).check_moving_rate(1)
+    with pytest.raises(ValueError, match=r"beta = p\*alpha = 1.5 \(the outer learning rate of worker_pull='reset'\) "
+                                         r"with Nesterov center momentum"):
+        ExchangeConfig(beta=1.5, worker_pull="reset", center_momentum=0.9, center_nesterov=True).check_moving_rate(1)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, dtype=torch.float64, generator=g)
+    avg = ElasticAverager([("x", x)], ExchangeConfig(tau=1, beta=1.5, worker_pull="reset"))
+    assert avg.alpha == 1.5
+    center = x.clone()
+    for t in range(5):
+        update = torch.randn(5, dtype=torch.float64, generator=g)
+        before = x.clone()
+        with avg.step():
+            x.add_(update)
+        if t > 0:
+            center = center + 1.5 * (before - center)
             expected = center + update
         else:
             expected = before + update

@@ -46,7 +46,8 @@ def _run(rank: int, store: str, out: str, k: int, options: dict[str, Any]) -> No
         topo = worker_topology(k, WORLD, rank)
         x = _tensors()
         avg = ElasticAverager(list(x.items()), tau=TAU, alpha=ALPHA, group=topo.column_group,
-                              worker_group=topo.worker_group, bucket_cap_mb=CAP_MB, **options)
+                              worker_group=topo.worker_group, bucket_cap_mb=CAP_MB, per_tensor_distances=True,
+                              **options)
         avg.track_distances(per_tensor=True)
         for t in range(STEPS):
             with avg.step():
@@ -210,7 +211,7 @@ def test_no_host_synchronisation_outside_the_one_read_per_exchange(monkeypatch: 
     ``float``, ``.cpu()``) raises there: steps and the start of an exchange must run through, and the end of an
     exchange reads the statistics exactly once."""
     lin = torch.nn.Linear(3, 2, device="meta")
-    avg = ElasticAverager(list(lin.named_parameters()), tau=2, alpha=0.5)
+    avg = ElasticAverager(list(lin.named_parameters()), tau=2, alpha=0.5, per_tensor_distances=True)
     avg.track_distances(per_tensor=True)
     reads: list[torch.Tensor] = []
 

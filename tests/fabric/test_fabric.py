@@ -55,7 +55,7 @@ def _loop(fabric: Fabric, module: ToyRegressor, dataset: TensorDataset, out: Pat
     loader = fabric.setup_dataloaders(DataLoader(dataset, batch_size=batch_size, shuffle=True))
     strategy = fabric.strategy
     assert isinstance(strategy, EASGDFabricStrategy)
-    strategy.averager.track_distances(per_tensor=True)
+    strategy.averager.track_distances()  # per tensor too where the strategy measures them
     for _ in range(first_epoch):  # Fabric sets the sampler's epoch to the number of times the loader was iterated
         next(iter(loader))
     if load is not None:
@@ -381,8 +381,8 @@ def test_batchnorm_buffers_and_distance_statistics(tmp_path: Path) -> None:
     """Buffers are measured before the step's forward pass, as the Trainer does; statistics match the replay."""
     module, init = twins(ToyRegressor, 1, batchnorm=True)
     dataset = make_dataset(48)
-    records = run(2, EASGDFabricStrategy(tau=2, start_method="fork"), tmp_path, module, dataset, epochs=2,
-                  batch_size=6)
+    records = run(2, EASGDFabricStrategy(tau=2, per_tensor_distances=True, start_method="fork"), tmp_path, module,
+                  dataset, epochs=2, batch_size=6)
     expected = replay_easgd(init, dataset, p=2, tau=2, alpha=0.45, epochs=2, batch_size=6, seed=SEED)
     assert len(expected.exchanges) == 3  # 8 steps: exchanges at t = 2, 4, 6
     for rank, rec in enumerate(records):

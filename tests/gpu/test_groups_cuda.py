@@ -27,7 +27,7 @@ def _no_host_waits(strict: bool) -> Iterator[None]:
 def _train(device: str, **options: Any) -> tuple[list[torch.Tensor], list[torch.Tensor], list[Any]]:
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 1)).to(device)
-    avg = ElasticAverager(list(net.named_parameters()), tau=2, alpha=0.3, **options)
+    avg = ElasticAverager(list(net.named_parameters()), tau=2, alpha=0.3, per_tensor_distances=True, **options)
     avg.track_distances(per_tensor=True)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     g = torch.Generator().manual_seed(1)

@@ -322,6 +322,12 @@ def test_a_monitored_checkpoint_that_saves_last_is_warned_about(compose_cfg: Com
         _check_checkpoints(trainer, "last")
 
 
+@pytest.mark.parametrize(("momentum", "plain"), [("eamsgd", "easgd"), ("eamsgd_async", "easgd_async")])
+def test_eamsgd_strategy_is_easgd_with_a_nesterov_optimizer(momentum: str, plain: str, compose_cfg: Compose) -> None:
+    """The EAMSGD configs reuse the EASGD ones through Hydra's defaults: the same strategy, another optimizer."""
+    eamsgd, easgd = compose_cfg("cifar10", [f"strategy={momentum}"]), compose_cfg("cifar10", [f"strategy={plain}"])
+    assert eamsgd.strategy == easgd.strategy and eamsgd.callbacks == easgd.callbacks
+    assert eamsgd.optimizer.nesterov and eamsgd.optimizer.momentum == 0.99 and "momentum" not in easgd.optimizer
 @pytest.mark.parametrize(("sync", "asynchronous"), [("easgd", "easgd_async"), ("eamsgd", "eamsgd_async")])
 def test_async_configs_have_every_key_of_the_sync_ones(sync: str, asynchronous: str, compose_cfg: Compose) -> None:
     """Overriding a sync-only key must reach AsyncEASGDStrategy's own refusal, not Hydra's "not in struct"."""

@@ -252,29 +252,9 @@ def test_damaged_section_is_refused(tmp_path: Path) -> None:
         EASGDStrategy().load_checkpoint(path)
 
 
-class _TwoRanksPerWorker(EASGDStrategy):
-    """The worker layout of 2 ranks forming 1 worker (k = 2), for the checkpoint's view only: the exchange still
-    treats every rank as a worker, which does not matter for what the worker files hold."""
-
-    @property
-    def ranks_per_worker(self) -> int:
-        return 2
-
-    @property
-    def num_workers(self) -> int:
-        return self.world_size // 2
-
-    @property
-    def worker_index(self) -> int:
-        return self.global_rank // 2
-
-    @property
-    def rank_in_worker(self) -> int:
-        return self.global_rank % 2
-
-    @property
-    def worker_group(self) -> dist.ProcessGroup | None:
-        return dist.group.WORLD
+def _two_ranks_per_worker(**kwargs: Any) -> EASGDStrategy:
+    """2 ranks forming 1 worker (k = 2): the strategy's resolved topology is what the checkpoint routines read."""
+    return EASGDStrategy(ranks_per_worker=2, **kwargs)
 
 
 class _NumpyStateAtStart(L.Callback):
@@ -300,7 +280,7 @@ def test_a_worker_of_two_ranks_keeps_both_rng_states(tmp_path: Path, messages: A
     """With k = 2 the writer gathers its worker's two RNG states (inside the worker) into one file; on resume each
     rank takes its own entry, and ranks beyond the saved k start from seeded generators, with a warning."""
     fit_fork(ToyRegressor(), make_dataset(24), tmp_path / "first", p=2, epochs=1, batch_size=4,
-             enable_checkpointing=True, strategy=_TwoRanksPerWorker(tau=2, start_method="fork"),
+             enable_checkpointing=True, strategy=_two_ranks_per_worker(tau=2, start_method="fork"),
              callbacks=[_RankDependentDraws(),
                         ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)])
     path = tmp_path / "ckpt" / "last.ckpt"
@@ -311,7 +291,7 @@ def test_a_worker_of_two_ranks_keeps_both_rng_states(tmp_path: Path, messages: A
     assert worker["rng"][0]["numpy"]["pos"] != worker["rng"][1]["numpy"]["pos"], "each rank's own state"
 
     fit_fork(ToyRegressor(), make_dataset(24), tmp_path / "second", p=2, epochs=2, batch_size=4,
-             ckpt_path=str(path), strategy=_TwoRanksPerWorker(tau=2, start_method="fork"),
+             ckpt_path=str(path), strategy=_two_ranks_per_worker(tau=2, start_method="fork"),
              callbacks=[_NumpyStateAtStart(tmp_path / "second")])
     for j in range(2):
         got = torch.load(tmp_path / "second" / f"numpy{j}.pt", weights_only=True)
@@ -324,7 +304,7 @@ def test_a_worker_of_two_ranks_keeps_both_rng_states(tmp_path: Path, messages: A
              callbacks=[ModelCheckpoint(dirpath=plain / "ckpt", save_last=True, save_top_k=0)])
     messages()
     fit_fork(ToyRegressor(), make_dataset(24), tmp_path / "third", p=2, epochs=2, batch_size=4,
-             ckpt_path=str(plain / "ckpt" / "last.ckpt"), strategy=_TwoRanksPerWorker(tau=2, start_method="fork"))
+             ckpt_path=str(plain / "ckpt" / "last.ckpt"), strategy=_two_ranks_per_worker(tau=2, start_method="fork"))
     assert ("the checkpoint has 1 rank(s) per worker and this run has 2; ranks 1-1 of every worker start from "
             "freshly seeded random number generators") in messages()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,9 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from helpers.asserts import assert_close, assert_matches_replay
+from helpers.bounded import run_bounded
 from helpers.instruments import count_collectives
-from helpers.launch import SEED, fit_fork
+from helpers.launch import REPO, SEED, fit_fork
 from helpers.replay import replay_easgd
 from helpers.toy import NaNLossRegressor, ToyRegressor, make_dataset, twins
 from lightning_easgd import AsyncEASGDStrategy, EASGDStrategy, ElasticDistanceMonitor
@@ -113,7 +116,7 @@ def test_groups_distance_monitor_is_per_worker(tmp_path: Path) -> None:
     logger = CSVLogger(tmp_path, name="logs", version=0)
     fit_fork(module, dataset, tmp_path, p=4, epochs=1, batch_size=2, logger=logger,
              callbacks=[ElasticDistanceMonitor(per_layer=True, per_rank=True)],
-             strategy=EASGDStrategy(tau=2, ranks_per_worker=2, start_method="fork"))
+             strategy=EASGDStrategy(tau=2, ranks_per_worker=2, per_tensor_distances=True, start_method="fork"))
     expected = replay_easgd(init, dataset, p=2, tau=2, alpha=0.45, epochs=1, batch_size=2, seed=SEED,
                             ranks_per_worker=2)
     rows: dict[int, dict[str, float]] = {}
@@ -318,3 +321,19 @@ def test_groups_checkpoint_saved_during_validation(tmp_path: Path) -> None:
         mine = torch.load(path.parent / name, weights_only=True)
         assert_close(mine["state_dict"], records[2 * g]["local"], 0.0, f"worker {g}'s file")
     assert_close(torch.load(path, weights_only=True)["state_dict"], records[0]["center"], 0.0, "center")
+
+
+def test_repeated_stages_do_not_add_process_groups(tmp_path: Path) -> None:
+    """fit, validate, test, validate in the same processes: each stage builds its worker and column groups at setup
+    and destroys them at teardown, so no stage leaves a group (on NCCL, a communicator) behind."""
+    result = run_bounded([sys.executable, "tests/scripts/repeated_stages.py", str(tmp_path)], cwd=REPO, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:]
+    for rank in range(4):
+        counts = json.loads((tmp_path / f"groups{rank}.json").read_text())
+        world = counts["after"][0][0]
+        assert world == 1  # the default group only: the stage's two groups are gone
+        assert [live for live, _ in counts["after"]] == [world] * 4
+        # Each setup creates the worker groups and the column groups (2 + 2 calls of new_group), once.
+        assert [created for _, created in counts["after"]] == [4, 8, 12, 16]
+        # During a stage: the world plus this rank's worker group and column group (fit runs one validation).
+        assert counts["during"] == [world + 2] * 5

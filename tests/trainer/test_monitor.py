@@ -34,7 +34,7 @@ def test_logged_distances_match_replay(tmp_path: Path, monkeypatch: pytest.Monke
     logger = CSVLogger(tmp_path, name="logs", version=0)
     _, records = fit_fork(module, dataset, tmp_path, p=3, epochs=2, batch_size=4, logger=logger,
                           callbacks=[ElasticDistanceMonitor(per_layer=True, per_rank=True)],
-                          strategy=EASGDStrategy(tau=2, start_method="fork"))
+                          strategy=EASGDStrategy(tau=2, per_tensor_distances=True, start_method="fork"))
     expected = replay_easgd(init, dataset, p=3, tau=2, alpha=0.3, epochs=2, batch_size=4, seed=SEED)
     logged = _rows(tmp_path / "logs" / "version_0" / "metrics.csv")
     assert sorted(logged) == [e["step"] for e in expected.exchanges] == [2, 4, 6]  # 8 steps per worker

@@ -18,7 +18,7 @@ from helpers.bounded import run_bounded
 from helpers.launch import SEED, fit_fork, loaders
 from helpers.replay import replay_easgd
 from helpers.toy import ToyRegressor, make_dataset, twins
-from lightning_easgd import EASGDStrategy
+from lightning_easgd import AsyncEASGDStrategy, EASGDStrategy
 from lightning_easgd.core import resolve_alpha
 
 REPO = Path(__file__).resolve().parents[2]
@@ -209,3 +209,18 @@ def test_hydra_instantiate() -> None:
     )
     assert isinstance(strategy, EASGDStrategy)
     assert (strategy.tau, strategy.alpha, strategy._start_method) == (10, 0.1, "spawn")
+
+
+def test_the_base_class_does_not_probe_its_subclass() -> None:
+    """What a strategy refuses is declared by its class (``unsupported_options``): a subclass that overrides the
+    exchange's construction, e.g. to wrap it, keeps every option of EASGDStrategy."""
+
+    class Wrapping(EASGDStrategy):
+        def _create_averager(self, elastic: list[tuple[str, torch.Tensor]]) -> Any:
+            return super()._create_averager(elastic)
+
+    strategy = Wrapping(ranks_per_worker=2, center_device="cpu", exchange_dtype="bfloat16")
+    assert (strategy.ranks_per_worker, strategy.center_device, strategy.exchange_dtype) == (
+        2, torch.device("cpu"), torch.bfloat16)
+    assert set(AsyncEASGDStrategy.unsupported_options) == {"ranks_per_worker", "center_device", "exchange_dtype"}
+    assert EASGDStrategy.unsupported_options == {}
