@@ -181,6 +181,11 @@ class ExchangeConfig:
         for f in fields(self):
             if f.init:
                 object.__setattr__(self, f.name, f.metadata["check"](getattr(self, f.name)))
+        if self.center_nesterov and not self.center_momentum:
+            raise ValueError(
+                f"center_nesterov=True is invalid with center_momentum={self.center_momentum!r}: the Nesterov form "
+                "needs a center momentum in (0, 1); set center_momentum or leave center_nesterov=False"
+            )
         validate_sync_start(self.sync_steps, self.sync_epochs, schedule.warmup_steps)
         if self.sync_steps:
             schedule = ExchangeSchedule(self.tau, self.warmup_steps, self.warmup_tau, self.sync_steps)

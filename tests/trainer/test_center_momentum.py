@@ -21,7 +21,7 @@ from helpers.instruments import count_collectives
 from helpers.launch import SEED, fit_fork
 from helpers.momentum_replay import replay_center_momentum
 from helpers.toy import NaNLossRegressor, ToyRegressor, make_dataset, twins
-from lightning_easgd import AsyncEASGDStrategy, EASGDStrategy, ElasticDistanceMonitor
+from lightning_easgd import AsyncEASGDStrategy, EASGDFabricStrategy, EASGDStrategy, ElasticDistanceMonitor
 from lightning_easgd.core import ElasticAverager
 
 ATOL = 1e-10  # float64 model: the only differences are summation order in the all-reduce
@@ -149,7 +149,7 @@ def test_reset_policy_with_momentum(tmp_path: Path, messages: Any) -> None:
 def test_zero_momentum_strategy_run_is_bit_identical(tmp_path: Path) -> None:
     dataset = make_dataset(48)
     runs = []
-    for name, kwargs in (("plain", {}), ("zero", {"center_momentum": 0.0, "center_nesterov": True})):
+    for name, kwargs in (("plain", {}), ("zero", {"center_momentum": 0.0})):
         module, _ = twins(ToyRegressor, 6, lr=0.1, momentum=0.9, nesterov=True)
         _, records = fit_fork(module, dataset, tmp_path / name, p=2, epochs=1, batch_size=4,
                               strategy=EASGDStrategy(tau=2, start_method="fork", **kwargs))
@@ -158,6 +158,16 @@ def test_zero_momentum_strategy_run_is_bit_identical(tmp_path: Path) -> None:
         for key in ("local", "center"):
             for name, value in plain[key].items():
                 assert torch.equal(value, zero[key][name]), f"{key} {name}"
+
+
+@pytest.mark.parametrize("owner", [EASGDStrategy, EASGDFabricStrategy, AsyncEASGDStrategy])
+def test_nesterov_without_center_momentum_is_refused(owner: type) -> None:
+    """``center_nesterov=True`` with μ = 0 would change nothing; like ``torch.optim.SGD(nesterov=True)`` without
+    momentum it is refused rather than accepted and ignored, from every entry point with one message."""
+    with pytest.raises(ValueError, match=r"^center_nesterov=True is invalid with center_momentum=0.0: the Nesterov "
+                                         r"form needs a center momentum in \(0, 1\); set center_momentum or leave "
+                                         r"center_nesterov=False$"):
+        owner(center_nesterov=True)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
