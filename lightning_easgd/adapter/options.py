@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from lightning.fabric.strategies.registry import _StrategyRegistry
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_easgd.core.topology import validate_ranks_per_worker
@@ -129,3 +131,17 @@ def refuse_unused_worker_ddp_options(ddp_kwargs: Mapping[str, Any], ranks_per_wo
             f"worker group, but ranks_per_worker={ranks_per_worker!r} gives one rank per worker here, and "
             "such a worker is not wrapped in DistributedDataParallel; remove them"
         )
+
+
+def register_start_methods(registry: _StrategyRegistry, strategy: type, name: str, description: str) -> None:
+    """Register ``name`` (popen), ``name_spawn`` and, where the platform forks, ``name_fork`` for ``strategy``.
+
+    A registry name cannot carry arguments, so each launcher gets a name of its own; Lightning's and Fabric's
+    registries take the same call.
+    """
+    entries = [(name, "popen"), (f"{name}_spawn", "spawn")]
+    if "fork" in torch.multiprocessing.get_all_start_methods():
+        entries.append((f"{name}_fork", "fork"))
+    for entry, start_method in entries:
+        registry.register(entry, strategy, description=f"{description} with start_method '{start_method}'",
+                          start_method=start_method)

@@ -38,6 +38,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_easgd.adapter.layout import WorkerLayout
+from lightning_easgd.adapter.options import register_start_methods
 from lightning_easgd.checkpoint.atomic_io import AtomicCheckpointIO
 from lightning_easgd.checkpoint.routines import WorkerCheckpointing, hyperparameters_only
 from lightning_easgd.checkpoint.section import CHECKPOINT_KEY, check_section
@@ -454,16 +455,7 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        entries = [("easgd", "popen"), ("easgd_spawn", "spawn")]
-        if "fork" in torch.multiprocessing.get_all_start_methods():
-            entries.append(("easgd_fork", "fork"))
-        for name, start_method in entries:
-            strategy_registry.register(
-                name,
-                cls,
-                description=f"Synchronous Elastic Averaging SGD (Fabric) with start_method '{start_method}'",
-                start_method=start_method,
-            )
+        register_start_methods(strategy_registry, cls, "easgd", "Synchronous Elastic Averaging SGD (Fabric)")
 
 
 class _WorkerGradientSync(_BackwardSyncControl):

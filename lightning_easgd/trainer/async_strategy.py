@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_easgd.adapter.options import register_start_methods
 from lightning_easgd.core import DEFAULT_BETA
 from lightning_easgd.core.async_averager import AsyncElasticAverager, async_stability_warning, validate_order
 from lightning_easgd.core.center_service import validate_transport
@@ -197,13 +198,4 @@ class AsyncEASGDStrategy(EASGDStrategy):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        entries = [("easgd_async", "popen"), ("easgd_async_spawn", "spawn")]
-        if "fork" in torch.multiprocessing.get_all_start_methods():
-            entries.append(("easgd_async_fork", "fork"))
-        for name, start_method in entries:
-            strategy_registry.register(
-                name,
-                cls,
-                description=f"Asynchronous Elastic Averaging SGD (sharded center) with start_method '{start_method}'",
-                start_method=start_method,
-            )
+        register_start_methods(strategy_registry, cls, "easgd_async", "Asynchronous Elastic Averaging SGD (sharded center)")

@@ -40,6 +40,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_easgd.adapter.layout import WorkerLayout
+from lightning_easgd.adapter.options import register_start_methods
 from lightning_easgd.checkpoint.atomic_io import AtomicCheckpointIO
 from lightning_easgd.core import DEFAULT_BETA, ElasticAverager, ExchangeConfig
 from lightning_easgd.core.family import WorkerPull, steps_for_epochs
@@ -447,16 +448,7 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        entries = [("easgd", "popen"), ("easgd_spawn", "spawn")]
-        if "fork" in torch.multiprocessing.get_all_start_methods():
-            entries.append(("easgd_fork", "fork"))
-        for name, start_method in entries:
-            strategy_registry.register(
-                name,
-                cls,
-                description=f"Synchronous Elastic Averaging SGD with start_method '{start_method}'",
-                start_method=start_method,
-            )
+        register_start_methods(strategy_registry, cls, "easgd", "Synchronous Elastic Averaging SGD")
 
 
 
