@@ -78,8 +78,8 @@ def test_fake_world_sees_the_bfloat16_rounding(monkeypatch: pytest.MonkeyPatch) 
 
 def _run_fresh(name: str, tmp_path: Path) -> Result:
     """One check in a fresh interpreter, as the device check runs it. These checks fork their workers, and forking
-    this pytest process after earlier tests ran multi-threaded kernels (the fake world's larger models) leaves the
-    children a thread pool they cannot use: they hang or crash inside torch ops."""
+    this pytest process after the fake-world tests (two threads driving gloo groups here) has hung or crashed the
+    children inside torch ops; the cause is not yet known (not OpenMP's pool: one thread does not help)."""
     out = tmp_path / f"{name}.json"
     proc = _cli("--one", name, "--device", "cpu", "--size", "tiny", "--result", str(out))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
