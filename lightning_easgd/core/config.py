@@ -27,8 +27,8 @@ from lightning_easgd.core.center_momentum import (
 from lightning_easgd.core.family import (
     WorkerPull,
     check_reset_beta,
+    check_sync_start,
     validate_steps,
-    validate_sync_start,
     validate_worker_pull,
 )
 from lightning_easgd.core.hyperparams import DEFAULT_BETA, resolve_alpha, validate_alpha, validate_beta
@@ -107,10 +107,6 @@ def validate_flag(name: str) -> Callable[[object], bool]:
     return check
 
 
-def _sync_steps(sync_steps: object) -> int:
-    return validate_steps(sync_steps, "sync_steps", "optimizer steps")
-
-
 def _sync_epochs(sync_epochs: object) -> int:
     return validate_steps(sync_epochs, "sync_epochs", "epochs")
 
@@ -172,12 +168,12 @@ class ExchangeConfig:
     timeout: timedelta | None = field(default=None, metadata=check(_timeout))
     per_tensor_distances: bool = field(default=False, metadata=check(validate_flag("per_tensor_distances")))
     worker_pull: WorkerPull = field(default="elastic", metadata=check(validate_worker_pull))
-    sync_steps: int = field(default=0, metadata=check(_sync_steps))  # with sync_epochs and the warm-up in __post_init__
+    sync_steps: int = field(default=0, metadata=check(_unchecked))  # checked with the warm-up by ExchangeSchedule
     sync_epochs: int = field(default=0, metadata=check(_sync_epochs))
     schedule: ExchangeSchedule = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        schedule = ExchangeSchedule(self.tau, self.warmup_steps, self.warmup_tau)
+        schedule = ExchangeSchedule(self.tau, self.warmup_steps, self.warmup_tau, self.sync_steps)
         for f in fields(self):
             if f.init:
                 object.__setattr__(self, f.name, f.metadata["check"](getattr(self, f.name)))
@@ -186,11 +182,9 @@ class ExchangeConfig:
                 f"center_nesterov=True is invalid with center_momentum={self.center_momentum!r}: the Nesterov form "
                 "needs a center momentum in (0, 1); set center_momentum or leave center_nesterov=False"
             )
-        validate_sync_start(self.sync_steps, self.sync_epochs, schedule.warmup_steps)
-        if self.sync_steps:
-            schedule = ExchangeSchedule(self.tau, self.warmup_steps, self.warmup_tau, self.sync_steps)
+        check_sync_start(schedule.sync_steps, self.sync_epochs, schedule.warmup_steps)
         object.__setattr__(self, "schedule", schedule)
-        for name in ("tau", "warmup_steps", "warmup_tau"):
+        for name in ("tau", "warmup_steps", "warmup_tau", "sync_steps"):
             object.__setattr__(self, name, getattr(schedule, name))
         if self.overlap is None:
             object.__setattr__(self, "overlap", self.center_device is None)

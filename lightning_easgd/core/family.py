@@ -55,29 +55,26 @@ def validate_steps(value: object, name: str, unit: str) -> int:
     return int(value)
 
 
-def validate_sync_start(sync_steps: object, sync_epochs: object, warmup_steps: int) -> tuple[int, int]:
-    """Check the synchronous start's options and return ``(sync_steps, sync_epochs)``.
+def check_sync_start(sync_steps: int, sync_epochs: int, warmup_steps: int) -> None:
+    """Refuse a synchronous start given in both units, or together with a warm-up (the values are checked ints).
 
     Raises:
-        ValueError: for a negative or non-integer value, both options given, or either with a warm-up: a warm-up
-            and a synchronous start both communicate more at the beginning, and composing them would leave open
-            whether ``warmup_steps`` counts from step 0 or from the hand-over.
+        ValueError: for both options given, or either with a warm-up: a warm-up and a synchronous start both
+            communicate more at the beginning, and composing them would leave open whether ``warmup_steps`` counts
+            from step 0 or from the hand-over.
     """
-    steps = validate_steps(sync_steps, "sync_steps", "optimizer steps")
-    epochs = validate_steps(sync_epochs, "sync_epochs", "epochs")
-    if steps and epochs:
+    if sync_steps and sync_epochs:
         raise ValueError(
-            f"sync_steps={steps} and sync_epochs={epochs} were both given: the synchronous start has one length; "
-            "pass one of them"
+            f"sync_steps={sync_steps} and sync_epochs={sync_epochs} were both given: the synchronous start has one "
+            "length; pass one of them"
         )
-    if (steps or epochs) and warmup_steps:
-        given = f"sync_steps={steps}" if steps else f"sync_epochs={epochs}"
+    if (sync_steps or sync_epochs) and warmup_steps:
+        given = f"sync_steps={sync_steps}" if sync_steps else f"sync_epochs={sync_epochs}"
         raise ValueError(
             f"{given} cannot be combined with warmup_steps={warmup_steps}: both make the start communicate more "
             "(the synchronous start every step, the warm-up every warmup_tau steps), and composed it would be "
             "ambiguous whether the warm-up counts from step 0 or from the hand-over; use one of them"
         )
-    return steps, epochs
 
 
 def steps_for_epochs(sync_epochs: int, steps_per_epoch: int) -> int:

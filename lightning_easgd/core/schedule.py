@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numbers
 
-from lightning_easgd.core.family import validate_sync_start
+from lightning_easgd.core.family import check_sync_start, validate_steps
 from lightning_easgd.core.hyperparams import validate_tau
 
 
@@ -24,7 +24,7 @@ class ExchangeSchedule:
 
     With a synchronous start of N = ``sync_steps`` steps (post-local SGD), steps t < N average gradients instead
     (:meth:`synchronous`) and step t starts with an exchange when t > N and (t − N) % τ == 0. It cannot be combined
-    with a warm-up (:func:`~lightning_easgd.core.family.validate_sync_start` says why).
+    with a warm-up (:func:`~lightning_easgd.core.family.check_sync_start` says why).
 
     Args:
         tau: the communication period after the warm-up, in optimizer steps.
@@ -53,7 +53,8 @@ class ExchangeSchedule:
             )
         self.warmup_steps = int(warmup_steps)
         self.warmup_tau = int(warmup_tau)
-        self.sync_steps, _ = validate_sync_start(sync_steps, 0, self.warmup_steps)
+        self.sync_steps = validate_steps(sync_steps, "sync_steps", "optimizer steps")
+        check_sync_start(self.sync_steps, 0, self.warmup_steps)
 
     def synchronous(self, clock: int) -> bool:
         """Whether optimizer step ``clock`` belongs to the synchronous start (gradients averaged over workers)."""
