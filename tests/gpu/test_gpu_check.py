@@ -15,10 +15,10 @@ from typing import Any
 import device_checks
 import pytest
 import torch
-from helpers.bounded import call_in_fork
 
 from benchmarks import gpu_check
 from benchmarks.gpu_check import FAIL, PASS, SKIP, Result, Step
+from helpers.bounded import call_in_fork
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
