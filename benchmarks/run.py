@@ -323,10 +323,12 @@ def _resolve_options(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             args.included = [result for directory in args.include for result in accuracy.load_results(directory)]
         except ValueError as error:
             parser.error(str(error))
-        planned = [(_link_label(rate) if m.communicates else "any", m.label) for index, rate in enumerate(args.rates)
-                   for m in args.methods if m.communicates or index == 0]
-        seen = [(r.rate, r.method.label) for r in args.included] + planned
-        repeated = sorted({f"{label} ({rate})" for rate, label in seen if seen.count((rate, label)) > 1})
+        # A run is a method on a link for a number of epochs: a longer horizon of the same method is another run.
+        planned = [(_link_label(rate) if m.communicates else "any", m.label, args.epochs)
+                   for index, rate in enumerate(args.rates) for m in args.methods if m.communicates or index == 0]
+        seen = [(r.rate, r.method.label, r.epochs) for r in args.included] + planned
+        repeated = sorted({f"{label} ({rate}, epochs={epochs})" for rate, label, epochs in seen
+                           if seen.count((rate, label, epochs)) > 1})
         if repeated:
             parser.error(f"--include/--methods name a run more than once: {', '.join(repeated)}; each run may "
                          "appear once (add :seedN for another seed)")

@@ -149,16 +149,75 @@ def test_the_targets_are_judged_on_the_mean_over_seeds_against_the_best_ddp() ->
     assert means["ddp"]["test_error_after_epochs"] == 41.0 and means["ddp"]["errors_after_epochs"] == [40, 42]
     assert means["eamsgd:16:cm0.2"]["error_at_budget"] == 49.0 and means["eamsgd:16:cm0.2"]["seeds"] == 2
     lines = accuracy.claims(rows)
-    assert lines[-2] == ("100 Mbit/s: best EASGD-family setting with τ >= 16 within 1 point of DDP after 2 epochs, "
+    assert lines[-4] == ("100 Mbit/s: best EASGD-family setting with τ >= 16 within 1 point of DDP after 2 epochs, "
                          "sending >= 16x fewer bytes: holds (eamsgd:16:cm0.2 41.80% (mean of 2 seeds: 41.50, 42.10) "
                          "vs ddp 41.00% (mean of 2 seeds: 40.00, 42.00), +0.80 points, 16.0x fewer bytes)")
-    assert lines[-1] == ("100 Mbit/s: best EASGD-family setting with τ >= 16 beats DDP and periodic averaging at the "
+    assert lines[-3] == ("100 Mbit/s: best EASGD-family setting with τ >= 16 beats DDP and periodic averaging at the "
                          "budget: holds (eamsgd:16:cm0.2 49.00% vs ddp 50.00%)")
+    # Issue #19's stricter targets: 0.5 points, and DDP's final error (41.00 %) is never reached by the mean curve.
+    assert lines[-2].endswith("within 0.5 points of DDP after 2 epochs: does not hold (eamsgd:16:cm0.2 41.80% (mean "
+                              "of 2 seeds: 41.50, 42.10) vs ddp 41.00% (mean of 2 seeds: 40.00, 42.00), +0.80 points, "
+                              "16.0x fewer bytes)")
+    assert lines[-1].endswith("at DDP's final error (41.00%) in <= 0.75x DDP's time: does not hold (eamsgd:16:cm0.2 "
+                              "never vs ddp in 20 s of training, ratio inf)")
     printed = accuracy.table(rows, budget).splitlines()
     assert len(printed) == 1 + 6 + 2 and printed[-1].split()[1:5] == ["eamsgd:16:cm0.2", "(mean", "of", "2)"]
     # One seed more than a point behind: the same setting fails the first target.
     rows, _ = accuracy.summarize(runs[:-1] + [_result("eamsgd:16:cm0.2:seed1", [10, 20], [48, 43.0], 106)], 15.0)
-    assert "does not hold (eamsgd:16:cm0.2 42.25% (mean of 2 seeds: 41.50, 43.00)" in accuracy.claims(rows)[-2]
+    assert "does not hold (eamsgd:16:cm0.2 42.25% (mean of 2 seeds: 41.50, 43.00)" in accuracy.claims(rows)[-4]
+
+
+def test_a_curve_reaches_an_error_at_its_first_evaluation_at_or_below_it() -> None:
+    curve = accuracy.Curve(epoch=[1, 2, 3], train_s=[10.0, 20.0, 30.0], error=[50.0, 40.0, 41.0])
+    assert (curve.seconds_to(60.0), curve.seconds_to(40.0), curve.seconds_to(39.9)) == (10.0, 20.0, None)
+    short = accuracy.Curve(epoch=[1, 2], train_s=[12.0, 22.0], error=[54.0, 38.0])
+    assert accuracy.Curve.mean([curve, short]) == accuracy.Curve(epoch=[1, 2], train_s=[11.0, 21.0], error=[52.0, 39.0])
+
+
+def test_time_to_ddps_final_error_is_read_from_each_settings_mean_curve() -> None:
+    ddp = [_result("ddp", [10, 20, 30], [50, 45, 40], 1600), _result("ddp:seed1", [11, 21, 31], [50, 45, 42], 1600)]
+    local = [_result("localsgd:16", [8, 16, 24], [45, 41, 40.4], 100),
+             _result("localsgd:16:seed1", [8, 16, 24], [45, 40.6, 40.8], 100)]
+    lucky = _result("eamsgd:16", [9, 18, 27], [44, 41, 40.0], 100)  # one seed: better, but never judged
+    rows, _ = accuracy.summarize(ddp + local + [lucky], None)
+    assert {r["ddp_error"] for r in rows} == {41.0}
+    # DDP's mean curve (50, 45, 41) reaches 41 at its last evaluation, 30.5 s; local SGD's (45, 40.8, 40.6) at 16 s.
+    assert [r["seconds_to_ddp_error"] for r in rows] == [30.5, 30.5, 16.0, 16.0, 18.0]
+    lines = accuracy.claims(rows)
+    assert lines[-2].endswith("within 0.5 points of DDP after 3 epochs: holds (localsgd:16 40.60% (mean of 2 seeds: "
+                              "40.40, 40.80) vs ddp 41.00% (mean of 2 seeds: 40.00, 42.00), -0.40 points, 16.0x fewer "
+                              "bytes)")
+    assert lines[-1].endswith("in <= 0.75x DDP's time: holds (localsgd:16 in 16 s vs ddp in 30 s of training, "
+                              "ratio 0.52)")
+    # One seed of each: reported, not judged; and an unshaped link has no time target.
+    rows, _ = accuracy.summarize([ddp[0], lucky], None)
+    for row in rows:
+        row["rate_mbit"] = "unshaped"
+    lines = accuracy.claims(rows)
+    assert lines[-1].startswith("unshaped link: best EASGD-family setting with τ >= 16 sending <= 1/8 of DDP's bytes "
+                                "within 0.5 points of DDP after 3 epochs: not judged, fewer than 2 seeds (eamsgd:16 "
+                                "40.00% vs ddp 40.00%")
+    # A setting sending more than 1/8 of DDP's bytes is not a candidate.
+    rows, _ = accuracy.summarize([ddp[0], _result("eamsgd:16", [9, 18, 27], [44, 41, 40.0], 201)], None)
+    assert not any("1/8" in line for line in accuracy.claims(rows))
+
+
+def test_runs_of_different_horizons_are_separate_settings() -> None:
+    runs = [_result("ddp:lr0.02", [10, 20], [50, 45], 1600), _result("ddp:lr0.02", [10, 20, 30], [50, 44, 40], 1600),
+            _result("eamsgd:16", [9, 18], [52, 44], 100), _result("eamsgd:16", [9, 18, 27], [52, 43, 41], 100)]
+    rows, _ = accuracy.summarize(runs, None)
+    means = accuracy.seed_means(rows)
+    assert [(m["method"], m["epochs"], m["seeds"]) for m in means] == [
+        ("ddp:lr0.02", 2, 1), ("ddp:lr0.02", 3, 1), ("eamsgd:16", 2, 1), ("eamsgd:16", 3, 1)]
+    # Each is measured against DDP after its own number of epochs: 45 % after 2, 40 % after 3.
+    assert [r["ddp_error"] for r in rows] == [45, 40, 45, 40]
+    assert [r["seconds_to_ddp_error"] for r in rows[:3]] == [20, 30, 18] and math.isnan(rows[3]["seconds_to_ddp_error"])
+    lines = accuracy.claims(rows)
+    assert lines[0].startswith("100 Mbit/s, 2 epochs: best EASGD-family setting with τ >= 16 within 1 point of DDP "
+                               "after 2 epochs")
+    assert any(line.startswith("100 Mbit/s, 3 epochs: best EASGD-family") and "+1.00 points" in line
+               for line in lines)
+    assert accuracy.table(rows, 18.0).splitlines()[2].split()[:4] == ["100", "ddp:lr0.02", "4", "3"]
 
 
 def test_runs_written_by_one_suite_are_read_back_by_another(tmp_path: Path) -> None:
@@ -171,8 +230,33 @@ def test_runs_written_by_one_suite_are_read_back_by_another(tmp_path: Path) -> N
     write_csv(tmp_path / "accuracy_curves.csv", accuracy.curve_rows(runs))
     assert accuracy.load_results(tmp_path) == runs
     assert accuracy.summarize(accuracy.load_results(tmp_path), None) == (rows, budget)
+    # One method run for two horizons (a combined report written back out) keeps two curves.
+    horizons = [_result("ddp:lr0.02", [10, 20], [50, 45]), _result("ddp:lr0.02", [10, 20, 30], [50, 44, 40])]
+    write_csv(tmp_path / "accuracy.csv", accuracy.summarize(horizons, None)[0])
+    write_csv(tmp_path / "accuracy_curves.csv", accuracy.curve_rows(horizons))
+    assert accuracy.load_results(tmp_path) == horizons
     with pytest.raises(ValueError, match=r"--include .*empty is invalid: .*accuracy.csv is missing"):
         accuracy.load_results(tmp_path / "empty")
+    with pytest.raises(ValueError, match=r"--include .*accuracy.csv is invalid: it must be a directory holding"):
+        accuracy.load_results(tmp_path / "accuracy.csv")
+
+
+def test_one_method_at_two_horizons_is_reported_as_two_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.procs import write_csv
+
+    for name, runs in (("h2", [_result("ddp", [10, 20], [50, 45], 1600), _result("eamsgd:16", [9, 18], [52, 44])]),
+                       ("h3", [_result("ddp", [10, 20, 30], [50, 44, 40], 1600)])):
+        (tmp_path / name).mkdir()
+        write_csv(tmp_path / name / "accuracy.csv", accuracy.summarize(runs, None)[0])
+        write_csv(tmp_path / name / "accuracy_curves.csv", accuracy.curve_rows(runs))
+    main(["--suite", "accuracy", "--include", str(tmp_path / "h2"), str(tmp_path / "h3"), "--out", str(tmp_path / "all")])
+    printed = capsys.readouterr().out
+    assert "100 Mbit/s, 2 epochs: best EASGD-family setting with τ >= 16 within 1 point of DDP after 2 epochs" in printed
+    assert [(r.method.label, r.epochs) for r in accuracy.load_results(tmp_path / "all")] == [("ddp", 2), ("eamsgd:16", 2),
+                                                                                           ("ddp", 3)]
+    with pytest.raises(SystemExit):
+        main(["--suite", "accuracy", "--include", str(tmp_path / "h3"), str(tmp_path / "all"), "--out", str(tmp_path)])
+    assert "name a run more than once: ddp (100, epochs=3); each run" in capsys.readouterr().err
 
 
 def test_finished_runs_are_on_disk_before_the_suite_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -257,7 +341,7 @@ def test_a_tiny_accuracy_suite_runs_end_to_end(tmp_path: Path, capsys: pytest.Ca
     assert (report / "accuracy_curves.csv").read_text() == (out / "accuracy_curves.csv").read_text()
     with pytest.raises(SystemExit):
         main(["--suite", "accuracy", "--include", str(out), str(out)])
-    assert "name a run more than once: eamsgd:2 (unshaped), msgd (any)" in capsys.readouterr().err
+    assert "name a run more than once: eamsgd:2 (unshaped, epochs=1), msgd (any, epochs=1)" in capsys.readouterr().err
 
 
 def _run_suite(argv: list[str], out: Path) -> dict[str, dict[str, str]]:
@@ -300,8 +384,8 @@ def test_a_tiny_overhead_suite_reports_time_and_memory(tmp_path: Path) -> None:
 
 def _send(source, destination, nbytes: int) -> None:
     """Send ``nbytes`` over TCP from ``source``'s namespace to ``destination``'s address (a Host each)."""
-    listen = ("import socket; s = socket.socket(); s.bind(({addr!r}, 5555)); s.listen(); c, _ = s.accept(); n = 0\n"
-              "while (d := c.recv(65536)): n += len(d)\nprint(n)").format(addr=destination.address)
+    listen = (f"import socket; s = socket.socket(); s.bind(({destination.address!r}, 5555)); s.listen(); c, _ = s.accept(); n = 0\n"
+              "while (d := c.recv(65536)): n += len(d)\nprint(n)")
     send = (f"import socket, time; time.sleep(0.5); s = socket.create_connection(({destination.address!r}, 5555)); "
             f"s.sendall(b'x' * {nbytes}); s.close()")
     receiver = subprocess.Popen(destination.command([sys.executable, "-c", listen]), stdout=subprocess.PIPE, text=True)
