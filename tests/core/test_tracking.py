@@ -4,8 +4,6 @@ rank, so a rank that tracks and one that does not still run all-reduces of one s
 from __future__ import annotations
 
 import math
-import multiprocessing as mp
-import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -13,42 +11,29 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from helpers.bounded import fork_ranks
 from lightning_easgd.core import ElasticAverager, ExchangeConfig
 
 
 def _run(rank: int, store: str, out: str) -> None:
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
-                                timeout=timedelta(seconds=30))
-        x = {"a": torch.zeros(3, dtype=torch.float64), "b": torch.zeros(2, dtype=torch.float64)}
-        avg = ElasticAverager(list(x.items()), ExchangeConfig(tau=2, alpha=0.25, per_tensor_distances=True,
-                                                              timeout=timedelta(seconds=30)))
-        if rank == 0:  # only rank 0 asks for statistics: a per-rank choice that used to change the all-reduce
-            avg.track_distances()
-        for _ in range(3):  # steps 0, 1, 2: the exchange at the start of step 2
-            with avg.step():
-                for value in x.values():
-                    value.add_(rank + 1.0)
-        torch.save({"stats": avg.pop_stats(), "x": x, "center": [v.clone() for v in avg.center_values()]},
-                   f"{out}/rank{rank}.pt")
-        dist.destroy_process_group()
-    except BaseException:
-        Path(f"{out}/rank{rank}.err").write_text(traceback.format_exc())
-        raise
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=30))
+    x = {"a": torch.zeros(3, dtype=torch.float64), "b": torch.zeros(2, dtype=torch.float64)}
+    avg = ElasticAverager(list(x.items()), ExchangeConfig(tau=2, alpha=0.25, per_tensor_distances=True,
+                                                          timeout=timedelta(seconds=30)))
+    if rank == 0:  # only rank 0 asks for statistics: a per-rank choice that used to change the all-reduce
+        avg.track_distances()
+    for _ in range(3):  # steps 0, 1, 2: the exchange at the start of step 2
+        with avg.step():
+            for value in x.values():
+                value.add_(rank + 1.0)
+    torch.save({"stats": avg.pop_stats(), "x": x, "center": [v.clone() for v in avg.center_values()]},
+               f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
 
 
 def test_ranks_that_track_and_ranks_that_do_not_exchange_alike(tmp_path: Path) -> None:
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_run, args=(r, str(tmp_path / "store"), str(tmp_path))) for r in range(2)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=90)
-        if proc.is_alive():
-            proc.kill()
-    errors = [e.read_text() for e in sorted(tmp_path.glob("rank*.err"))]
-    assert not errors, errors[0]
-    assert [proc.exitcode for proc in procs] == [0, 0]
+    assert fork_ranks(_run, 2, str(tmp_path / "store"), str(tmp_path), timeout=90) == [0, 0]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     # At the exchange (clock 2) worker g is at 2(g+1) everywhere and the center at 0: d_g = 2(g+1) per element.
     (stats,) = ranks[0]["stats"]

@@ -10,10 +10,12 @@ import multiprocessing
 import os
 import signal
 import subprocess
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from multiprocessing.queues import SimpleQueue
 from pathlib import Path
 from typing import TypeVar
 
@@ -93,3 +95,42 @@ def _send_outcome(function: Callable[[], object], send: Connection) -> None:
         outcome = (False, traceback.format_exc())
     send.send(outcome)
     send.close()
+
+
+def fork_ranks(target: Callable[..., object], world: int, *args: object, timeout: float,
+               wait_for: Sequence[int] | None = None) -> list[int | None]:
+    """Run ``target(rank, *args)`` for every rank of ``world``, each in a forked child, and return their exit codes.
+
+    The children find each other on their own (through a file store named in ``args``, say). The ranks in
+    ``wait_for`` (all by default) share ``timeout`` seconds to end; then every child still running is killed and
+    its exit code reported as None, so that a hung collective fails its test instead of CI. A rank that raises fails
+    the test with its traceback (the lowest such rank's), whatever the others did.
+    """
+    context = multiprocessing.get_context("fork")
+    raised = context.SimpleQueue()
+    children = [context.Process(target=_run_rank, args=(target, rank, args, raised)) for rank in range(world)]
+    for child in children:
+        child.start()
+    deadline = time.monotonic() + timeout
+    for rank in range(world) if wait_for is None else wait_for:
+        children[rank].join(max(0.0, deadline - time.monotonic()))
+    exitcodes = [child.exitcode for child in children]
+    for child in children:
+        if child.is_alive():
+            child.kill()
+        child.join(timeout=10)
+    errors = []
+    while not raised.empty():
+        errors.append(raised.get())
+    if errors:
+        rank, trace = min(errors)
+        pytest.fail(f"rank {rank} of {world} raised:\n{trace}")
+    return exitcodes
+
+
+def _run_rank(target: Callable[..., object], rank: int, args: tuple[object, ...], raised: SimpleQueue) -> None:
+    try:
+        target(rank, *args)
+    except BaseException:
+        raised.put((rank, traceback.format_exc()))
+        raise

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from helpers.asserts import assert_close
-from helpers.bounded import child_env
+from helpers.bounded import child_env, fork_ranks
 from helpers.launch import SEED, fit_fork
 from helpers.replay import replay_easgd
 from helpers.toy import NaNLossRegressor, ToyRegressor, make_dataset, twins
@@ -90,19 +90,10 @@ def _exchange_with_dying_peer(rank: int, store: str, results: Any) -> None:
 
 
 def test_killed_peer_fails_the_exchange_with_a_clear_error(tmp_path: Path) -> None:
-    ctx = mp.get_context("fork")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_exchange_with_dying_peer, args=(r, str(tmp_path / "store"), results))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        message, waited = results.get(timeout=60)
-    finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
+    results = mp.get_context("fork").SimpleQueue()
+    exitcodes = fork_ranks(_exchange_with_dying_peer, 2, str(tmp_path / "store"), results, timeout=60)
+    assert exitcodes == [0, -signal.SIGKILL], exitcodes
+    message, waited = results.get()
     assert "EASGD exchange at step 1 failed on rank 0" in message and "A peer may have died" in message
     assert waited < 30  # a closed connection is noticed at once, well before the timeout
 
