@@ -285,7 +285,7 @@ def load_results(directory: Path) -> list[Result]:
         curve.epoch.append(float(point["epoch"]))
         curve.train_s.append(float(point["train_seconds"]))
         curve.error.append(float(point["error"]))
-    dated = any("epochs" in point for point in points[:1])
+    dated = bool(points) and "epochs" in points[0]
     return [Result(rate=run["rate_mbit"], method=Method.parse(run["method"]), workers=int(run["workers"]),
                    epochs=int(run["epochs"]),
                    curve=curves[run["rate_mbit"], run["method"], run["epochs"] if dated else None],
@@ -409,7 +409,7 @@ def _paper_claims(here: dict[str, dict[str, Any]]) -> list[str]:
     if len(eamsgd) > 1:
         small, large = min(eamsgd), max(eamsgd)
         cost = _at_budget(eamsgd[large]) - _at_budget(eamsgd[small])
-        traffic = eamsgd[small]["sent_mb_per_worker"] / max(eamsgd[large]["sent_mb_per_worker"], 1e-9)
+        traffic = _fewer_bytes(eamsgd[small], eamsgd[large])
         out.append(f"EAMSGD τ={large} vs τ={small}: {cost:+.2f} points of error at the budget, "
                    f"{traffic:.1f}x less traffic (τ ratio {large / small:.0f})")
     return out
@@ -432,7 +432,7 @@ def _issue_targets(here: dict[str, dict[str, Any]]) -> list[str]:
     ddp_name, ddp = min(ddps.items(), key=lambda item: item[1]["test_error_after_epochs"])
     name, best = min(family.items(), key=lambda item: item[1]["test_error_after_epochs"])
     gap = best["test_error_after_epochs"] - ddp["test_error_after_epochs"]
-    fewer = ddp["sent_mb_per_worker"] / max(best["sent_mb_per_worker"], 1e-9)
+    fewer = _fewer_bytes(ddp, best)
     verdict = "holds" if gap <= 1.0 and fewer >= 16.0 else "does not hold"
     out.append(f"best EASGD-family setting with τ >= 16 within 1 point of DDP after {best['epochs']} epochs, "
                f"sending >= 16x fewer bytes: {verdict} ({name} {_after_epochs(best)} vs {ddp_name} "
@@ -454,8 +454,7 @@ def _issue_targets(here: dict[str, dict[str, Any]]) -> list[str]:
     verdict = "not judged, fewer than 2 seeds" if not judged else "holds" if gap <= 0.5 else "does not hold"
     out.append(f"best EASGD-family setting with τ >= 16 sending <= 1/8 of DDP's bytes within 0.5 points of DDP "
                f"after {best['epochs']} epochs: {verdict} ({name} {_after_epochs(best)} vs {ddp_name} "
-               f"{_after_epochs(ddp)}, {gap:+.2f} points, "
-               f"{ddp['sent_mb_per_worker'] / max(best['sent_mb_per_worker'], 1e-9):.1f}x fewer bytes)")
+               f"{_after_epochs(ddp)}, {gap:+.2f} points, {_fewer_bytes(ddp, best):.1f}x fewer bytes)")
     if ddp["rate_mbit"] != "unshaped" and math.isfinite(_to_ddp(ddp)):
         name, best = min(frugal.items(), key=lambda item: _to_ddp(item[1]))
         ratio = _to_ddp(best) / _to_ddp(ddp)
@@ -482,6 +481,11 @@ def link_name(label: str) -> str:
 
 def _at_budget(row: dict[str, Any]) -> float:
     return math.inf if math.isnan(row["error_at_budget"]) else row["error_at_budget"]
+
+
+def _fewer_bytes(reference: dict[str, Any], row: dict[str, Any]) -> float:
+    """How many times fewer bytes per worker ``row`` sent than ``reference`` (a run that sent none counts as 1e-9 MB)."""
+    return reference["sent_mb_per_worker"] / max(row["sent_mb_per_worker"], 1e-9)
 
 
 def _to_ddp(row: dict[str, Any]) -> float:
