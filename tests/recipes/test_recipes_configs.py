@@ -114,7 +114,9 @@ def test_experiment_composes_and_instantiates(
         assert trainer.world_size == 1
     else:
         assert isinstance(trainer.strategy, EASGDStrategy)
-        assert trainer.strategy.beta == 0.9 and trainer.strategy.tau == (16 if "center_momentum" in name else 10)
+        tuned = "center_momentum" in name or "local_sgd" in name
+        assert trainer.strategy.beta == (1.0 if "local_sgd" in name else 0.9)
+        assert trainer.strategy.tau == (16 if tuned else 10)
     if "_sweep" in name:
         assert cfg.hydra.sweeper.params, "sweep presets carry their sweep"
         if "msgd" not in name.split("_"):
@@ -150,6 +152,11 @@ def test_paper_hyperparameters(compose_cfg: Compose) -> None:
     tuned = compose_cfg("cifar10", ["experiment=cifar10_eamsgd_center_momentum"])
     assert (tuned.strategy.tau, tuned.strategy.center_momentum, tuned.strategy.center_nesterov) == (16, 0.2, False)
     assert tuned.optimizer.lr == 0.01 and tuned.optimizer.momentum == 0.99 and tuned.strategy.beta == 0.9
+    slow_network = compose_cfg("cifar10", ["experiment=cifar10_local_sgd"])
+    assert (slow_network.strategy.worker_pull, slow_network.strategy.beta, slow_network.strategy.tau) == ("reset", 1, 16)
+    assert slow_network.strategy.center_momentum == 0 and slow_network.optimizer.lr == 0.005
+    assert slow_network.optimizer.momentum == 0.99 and slow_network.trainer.max_epochs == 40
+    assert slow_network.lr_scheduler.scheduler.T_max == 40  # the cosine decays over the whole run
     imagenet = compose_cfg("imagenet", ["experiment=imagenet_paper_easgd"])
     assert imagenet.optimizer.lr == 0.1 and imagenet.optimizer.weight_decay == 1e-5
     assert imagenet.data.resize == 256 and imagenet.data.crop_size == 221
