@@ -155,8 +155,8 @@ def test_paper_hyperparameters(compose_cfg: Compose) -> None:
     slow_network = compose_cfg("cifar10", ["experiment=cifar10_local_sgd"])
     assert (slow_network.strategy.worker_pull, slow_network.strategy.beta, slow_network.strategy.tau) == ("reset", 1, 16)
     assert slow_network.strategy.center_momentum == 0 and slow_network.optimizer.lr == 0.005
-    assert slow_network.optimizer.momentum == 0.99 and slow_network.trainer.max_epochs == 40
-    assert slow_network.lr_scheduler.scheduler.T_max == 40  # the cosine decays over the whole run
+    assert slow_network.optimizer.momentum == 0.99 and slow_network.trainer.max_epochs == 80
+    assert slow_network.lr_scheduler.scheduler.T_max == 80  # the cosine decays over the whole run
     imagenet = compose_cfg("imagenet", ["experiment=imagenet_paper_easgd"])
     assert imagenet.optimizer.lr == 0.1 and imagenet.optimizer.weight_decay == 1e-5
     assert imagenet.data.resize == 256 and imagenet.data.crop_size == 221
