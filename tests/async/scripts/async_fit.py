@@ -39,6 +39,10 @@ class Failing(ToyRegressor):
 if __name__ == "__main__":
     os.environ["PL_GLOBAL_SEED"] = str(SEED)
     out, mode = Path(sys.argv[1]), sys.argv[2]
+    # A shell starts background jobs with SIGINT ignored, and Python then installs no KeyboardInterrupt handler: a
+    # suite run with `&` would see the simulated Ctrl+C do nothing. Both ranks (the launcher re-runs this script)
+    # take Python's own handler back, as in an interactive terminal.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     torch.manual_seed(23)
     if "easgd_async" not in StrategyRegistry:
         AsyncEASGDStrategy.register_strategies(StrategyRegistry)
