@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shlex
+import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from helpers.recipes import CONF_DIR, experiments, group_options
+from helpers.recipes import CONF_DIR, REPO, experiments, group_options
 from lightning_easgd import EASGDStrategy, ElasticDistanceMonitor
 from lightning_easgd.recipes.classifier import ImageClassifier, LRSchedulerSpec
 from lightning_easgd.recipes.schedulers import DivideOnPlateau
@@ -162,6 +165,20 @@ def test_paper_hyperparameters(compose_cfg: Compose) -> None:
     assert imagenet.data.resize == 256 and imagenet.data.crop_size == 221
     assert list(imagenet.lr_scheduler.scheduler.divisors) == [5.0, 2.0]
     assert imagenet.lr_scheduler.monitor == "train/loss_epoch"
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_make_train_runs_the_measured_slow_network_setting(compose_cfg: Compose) -> None:
+    """`make train` is documented with the benchmark's numbers, so it must compose to the setting that was measured."""
+    dry_run = subprocess.run(["make", "-n", "-C", str(REPO), "train"], capture_output=True, text=True, timeout=60,
+                             check=True).stdout
+    words = shlex.split(next(line for line in dry_run.replace("\\\n", " ").splitlines() if "recipes/cifar10.py" in line))
+    overrides = words[words.index("recipes/cifar10.py") + 1 :]
+    cfg = compose_cfg("cifar10", overrides)
+    assert (cfg.strategy.worker_pull, cfg.strategy.beta, cfg.strategy.tau) == ("reset", 1, 16)
+    assert cfg.optimizer.lr == 0.005 and cfg.trainer.accelerator == "cpu" and cfg.trainer.devices == 4
+    assert cfg.trainer.max_epochs == cfg.lr_scheduler.scheduler.T_max == 80
+    assert cfg.data.data_dir == "../shared/data/cifar10" and cfg.data.num_workers == 0
 
 
 @pytest.mark.parametrize("group", ["model", "data", "optimizer", "lr_scheduler", "module"])
