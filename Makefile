@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test train quickstart
+.PHONY: install test lint train quickstart
 
 CIFAR10_DIR ?= ../shared/data/cifar10
 TRAIN_ARGS ?= trainer=cpu data.num_workers=0
@@ -11,7 +11,7 @@ TRAIN_ARGS ?= trainer=cpu data.num_workers=0
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[recipes,test]"
+	$(BIN)/python -m pip install --quiet -e ".[recipes,test,lint]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -19,6 +19,10 @@ install: $(VENV)/.installed
 # The test suite (CPU, gloo, 1-4 worker processes).
 test: install
 	$(BIN)/python -m pytest
+
+# The linter, with the rules of pyproject.toml ([tool.ruff.lint]); .ci/run runs it before the tests.
+lint: install
+	$(BIN)/ruff check .
 
 # The main job: the setting measured level with DDP for a slow network (local SGD, tau = 16, the paper's CIFAR-10
 # net, 4 CPU worker processes, cosine over 80 epochs; docs/benchmarks.md), from the offline CIFAR-10 copy.

@@ -19,9 +19,9 @@ all-reduced every step), ``average:τ`` (local SGD with periodic model averaging
 ``easgd:τ`` and ``eamsgd:τ`` (the paper presets with period τ), ``easgd_async:τ`` and ``eamsgd_async:τ``, and the
 reset rule's family members (docs/family.md) ``localsgd:τ`` (EASGDStrategy's own periodic averaging, reported beside
 ``average:τ``, the independent implementation), ``slowmo:τ`` and ``diloco:τ`` (the Hydra presets of those names).
-DDP, periodic averaging and the reset family use EAMSGD's local optimizer (Nesterov momentum 0.99, lr 0.01), so that only the
-communication scheme differs; ``msgd`` never communicates, so it runs once, at the first rate. Checkpoints (one per
-evaluation, for the final test) hold the center only for every method.
+DDP, periodic averaging and the reset family use EAMSGD's local optimizer (Nesterov momentum 0.99, lr 0.01), so that
+only the communication scheme differs; ``msgd`` never communicates, so it runs once, at the first rate. Checkpoints (one
+per evaluation, for the final test) hold the center only for every method.
 
 Options follow, each after a colon (``eamsgd:16:cm0.5:warm500:lr0.01:seed1``): ``lrη`` (the learning rate) and
 ``seedN`` (the recipe's seed) for every method; ``cmμ`` / ``cnμ`` (center momentum μ in (0, 1), heavy ball /
@@ -484,7 +484,8 @@ def _at_budget(row: dict[str, Any]) -> float:
 
 
 def _fewer_bytes(reference: dict[str, Any], row: dict[str, Any]) -> float:
-    """How many times fewer bytes per worker ``row`` sent than ``reference`` (a run that sent none counts as 1e-9 MB)."""
+    """How many times fewer bytes per worker ``row`` sent than ``reference`` (a run that sent none counts as
+    1e-9 MB)."""
     return reference["sent_mb_per_worker"] / max(row["sent_mb_per_worker"], 1e-9)
 
 

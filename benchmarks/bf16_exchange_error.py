@@ -42,7 +42,8 @@ def relative_errors(p: int, numel: int, kind: str, seed: int = 0) -> tuple[float
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bf16_exchange_error", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bf16_exchange_error",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64], help="values of p")
     parser.add_argument("--numel", type=int, default=1_000_000, help="elements per difference vector")
     args = parser.parse_args(argv)

@@ -47,7 +47,7 @@ from benchmarks.procs import run_bounded, write_csv
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "gpu"))  # the correctness checks, importable as `device_checks`
-import device_checks
+import device_checks  # noqa: E402
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 MIN_TORCH = (2, 11)
@@ -144,7 +144,8 @@ def check_exchange_memory(device: torch.device, sizes: Sizes = FULL) -> Result:
         problems.append("no all-reduce ran")
     if pinned > PINNED_LIMIT:
         problems.append(f"{pinned / 2**30:.2f} GiB of host buffers, more than the {PINNED_LIMIT / 2**30:g} GiB allowed")
-    text = f"2 workers x {model_bytes / 2**30:.2f} GiB, host buffers {pinned / 2**30:.2f} GiB, {fake.paired} all-reduces"
+    text = (f"2 workers x {model_bytes / 2**30:.2f} GiB, host buffers {pinned / 2**30:.2f} GiB, "
+            f"{fake.paired} all-reduces")
     if cuda:
         torch.cuda.synchronize(device)
         extra = torch.cuda.max_memory_allocated(device) - base  # base: after both models were allocated

@@ -15,7 +15,7 @@ if importlib.util.find_spec("lightning_easgd") is None:  # running from a source
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # The kit first: without the recipes extra its ImportError says what to install.
-from lightning_easgd.recipes.train import train  # noqa: E402
+from lightning_easgd.recipes.train import train  # noqa: E402, I001
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402

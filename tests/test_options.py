@@ -47,7 +47,7 @@ def _hydra(target: str, bad: dict[str, Any]) -> Callable[[], object]:
         try:
             return hydra.utils.instantiate({"_target_": target, **bad})
         except hydra.errors.InstantiationException as error:  # Hydra wraps what the constructor raised
-            raise error.__cause__ or error  # type: ignore[misc]
+            raise (error.__cause__ or error) from None  # type: ignore[misc]
 
     return build
 

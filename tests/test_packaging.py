@@ -64,7 +64,8 @@ def test_the_plugin_imports_nothing_from_the_recipe_kit_stack() -> None:
         *KIT_MODULES,
     )
     report = json.loads(out.strip().splitlines()[-1])
-    assert "lightning_easgd.trainer.strategy" in report["plugin"] and "lightning_easgd.core.averager" in report["plugin"]
+    assert ("lightning_easgd.trainer.strategy" in report["plugin"]
+            and "lightning_easgd.core.averager" in report["plugin"])
     assert report["kit"] is False and report["new"] == [] and report["direct"] == [], report
 
 

@@ -163,7 +163,7 @@ class WorkerFiles:
                 state = make_state()
                 if state is not None:
                     ranks.checkpoint_io.save_checkpoint(state, target, storage_options=storage_options)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001  (any failure must reach the decision, so that every rank raises)
             error = e
         if not ranks.reduce_boolean_decision(error is None, all=True):
             if error is not None:
@@ -193,7 +193,7 @@ class WorkerFiles:
                 state = self._ranks.checkpoint_io.load_checkpoint(target, map_location="cpu", weights_only=True)
             except FileNotFoundError:
                 reason = _MISSING
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001  (any failure must reach the agreement: every rank raises)
                 reason, detail = _UNREADABLE, f" ({type(error).__name__}: {error})"
             if state is not None:
                 found = (state.get("save_id"), state.get("worker")) if isinstance(state, Mapping) else None

@@ -69,8 +69,9 @@ class ElasticAverager(ElasticWorker):
             names used in statistics and state dicts.
         config: the exchange's options (:class:`~lightning_easgd.core.config.ExchangeConfig`: τ and the warm-up,
             α or β, overlap, bucket size, center device, exchange dtype, center momentum, the divergence guard,
-            the timeout, per-tensor distances, the worker pull and the synchronous start), taken whole. Instead of a config, its options may be given as
-            keyword arguments (``ElasticAverager(named, tau=4, alpha=0.25)``), which builds one.
+            the timeout, per-tensor distances, the worker pull and the synchronous start), taken whole. Instead of a
+            config, its options may be given as keyword arguments (``ElasticAverager(named, tau=4, alpha=0.25)``), which
+            builds one.
         group: process group of the workers (default: the world). With worker groups: the "column" of this rank,
             i.e. the ranks with the same rank-in-worker in every worker (rank g of it is worker g).
         worker_group: the process group of this rank's worker (k ranks holding identical weights, e.g. under

@@ -164,7 +164,8 @@ class ShardLayout:
     def allocate(self, dtypes: Sequence[torch.dtype], device: torch.device | None = None,
                  pin: bool = False) -> list[Tensor]:
         """One zero-filled slice per bucket, in ``dtypes[b]``, on the bucket's device unless ``device`` is given;
-        ``pin``: page-locked host memory of the slice's exact size (:func:`~lightning_easgd.core.pinned.pinned_empty`)."""
+        ``pin``: page-locked host memory of the slice's exact size
+        (:func:`~lightning_easgd.core.pinned.pinned_empty`)."""
         return [
             pinned_empty(n, dtype) if pin else
             torch.zeros(n, dtype=dtype, device=bucket.device if device is None else device)

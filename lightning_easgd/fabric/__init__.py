@@ -1,4 +1,5 @@
-"""The Lightning Fabric adapter: :class:`EASGDFabricStrategy`. Imports ``lightning.fabric``, never ``lightning.pytorch``."""
+"""The Lightning Fabric adapter: :class:`EASGDFabricStrategy`. Imports ``lightning.fabric``, never
+``lightning.pytorch``."""
 
 from lightning_easgd.fabric.strategy import EASGDFabricStrategy
 

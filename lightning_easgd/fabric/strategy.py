@@ -80,9 +80,9 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
             Default: True, and False with ``center_device="cpu"`` (True is refused there).
         bucket_cap_mb: size of the flat buffers that each all-reduce carries. Default: 25 MB on CPU, 256 MB on CUDA.
         save_worker_states: ``fabric.save`` also writes every worker's local weights, optimizer state and RNG state,
-            each by its own rank to its own file beside the checkpoint (see :mod:`lightning_easgd.checkpoint.worker_files`),
-            so that ``fabric.load`` reproduces the uninterrupted run. Without them a resumed run restarts every
-            worker from the center.
+            each by its own rank to its own file beside the checkpoint (see
+            :mod:`lightning_easgd.checkpoint.worker_files`), so that ``fabric.load`` reproduces the uninterrupted run.
+            Without them a resumed run restarts every worker from the center.
         on_nonfinite: the divergence guard. ``"raise"`` (default): every rank raises
             :class:`~lightning_easgd.core.NonFiniteWorkerError` naming the workers and the step. ``"reset"``: the
             diverged workers' contributions are dropped, they restart from the center with empty optimizer state,

@@ -198,4 +198,5 @@ class AsyncEASGDStrategy(EASGDStrategy):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        register_start_methods(strategy_registry, cls, "easgd_async", "Asynchronous Elastic Averaging SGD (sharded center)")
+        register_start_methods(strategy_registry, cls, "easgd_async",
+                               "Asynchronous Elastic Averaging SGD (sharded center)")

@@ -71,8 +71,8 @@ class ElasticDistanceMonitor(Callback):
         if self.per_layer and not trainer.strategy.config.per_tensor_distances:
             raise ValueError(
                 "ElasticDistanceMonitor(per_layer=True) needs the strategy to measure per-tensor distances: pass "
-                f"{type(trainer.strategy).__name__}(per_tensor_distances=True) (they enlarge the exchange's all-reduce, "
-                "so every rank must agree on them through the strategy, not through a callback)"
+                f"{type(trainer.strategy).__name__}(per_tensor_distances=True) (they enlarge the exchange's "
+                "all-reduce, so every rank must agree on them through the strategy, not through a callback)"
             )
 
     @override

@@ -99,8 +99,8 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
             full precision. ``torch.float32`` / ``"float32"`` is accepted too.
         save_worker_states: with every full checkpoint, store each worker's local weights, optimizer state and
             RNG states in a file of its own, written by that worker next to the checkpoint (see
-            :mod:`lightning_easgd.checkpoint.worker_files`), so that resuming reproduces the uninterrupted run. Without them
-            a resumed run restarts every worker from the center.
+            :mod:`lightning_easgd.checkpoint.worker_files`), so that resuming reproduces the uninterrupted run. Without
+            them a resumed run restarts every worker from the center.
         on_nonfinite: the divergence guard. A worker whose weights turn NaN or inf never reaches the center (the
             check rides in the exchange). ``"raise"`` (default): every rank raises
             :class:`~lightning_easgd.core.NonFiniteWorkerError` naming the workers and the step, so the run stops
@@ -452,7 +452,8 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
 
 
 
-def _averaging_closure(averager: ElasticAverager, optimizer: Optimizer, closure: Callable[[], Any]) -> Callable[[], Any]:
+def _averaging_closure(averager: ElasticAverager, optimizer: Optimizer,
+                       closure: Callable[[], Any]) -> Callable[[], Any]:
     """``closure`` (forward and backward) followed by the synchronous start's gradient average, so that what runs
     after the closure (gradient clipping, the precision plugin's checks, the update) sees DDP's averaged gradients."""
     parameters = [p for group in optimizer.param_groups for p in group["params"]]

@@ -142,7 +142,8 @@ def test_claims_report_both_outcomes() -> None:
 def test_the_targets_are_judged_on_the_mean_over_seeds_against_the_best_ddp() -> None:
     runs = [_result("ddp", [10, 20], [50, 40], 1700), _result("ddp:seed1", [10, 20], [50, 42], 1700),
             _result("ddp:lr0.01", [10, 20], [50, 43], 1700), _result("average:16", [10, 20], [50, 46], 106),
-            _result("eamsgd:16:cm0.2", [10, 20], [50, 41.5], 106), _result("eamsgd:16:cm0.2:seed1", [10, 20], [48, 42.1], 106)]
+            _result("eamsgd:16:cm0.2", [10, 20], [50, 41.5], 106),
+            _result("eamsgd:16:cm0.2:seed1", [10, 20], [48, 42.1], 106)]
     rows, budget = accuracy.summarize(runs, 15.0)
     means = {r["method"]: r for r in accuracy.seed_means(rows)}
     assert set(means) == {"ddp", "ddp:lr0.01", "average:16", "eamsgd:16:cm0.2"}
@@ -223,7 +224,8 @@ def test_runs_of_different_horizons_are_separate_settings() -> None:
 def test_runs_written_by_one_suite_are_read_back_by_another(tmp_path: Path) -> None:
     from benchmarks.procs import write_csv
 
-    runs = [_result("msgd", [10.5, 20.25], [60, 50]), _result("eamsgd:16:cn0.5:warm98:lr0.01:seed1", [11, 22], [55, 42.5], 106.2)]
+    runs = [_result("msgd", [10.5, 20.25], [60, 50]),
+            _result("eamsgd:16:cn0.5:warm98:lr0.01:seed1", [11, 22], [55, 42.5], 106.2)]
     runs[0].rate = "any"
     rows, budget = accuracy.summarize(runs, None)
     write_csv(tmp_path / "accuracy.csv", rows)
@@ -249,11 +251,13 @@ def test_one_method_at_two_horizons_is_reported_as_two_runs(tmp_path: Path, caps
         (tmp_path / name).mkdir()
         write_csv(tmp_path / name / "accuracy.csv", accuracy.summarize(runs, None)[0])
         write_csv(tmp_path / name / "accuracy_curves.csv", accuracy.curve_rows(runs))
-    main(["--suite", "accuracy", "--include", str(tmp_path / "h2"), str(tmp_path / "h3"), "--out", str(tmp_path / "all")])
+    main(["--suite", "accuracy", "--include", str(tmp_path / "h2"), str(tmp_path / "h3"),
+          "--out", str(tmp_path / "all")])
     printed = capsys.readouterr().out
-    assert "100 Mbit/s, 2 epochs: best EASGD-family setting with τ >= 16 within 1 point of DDP after 2 epochs" in printed
-    assert [(r.method.label, r.epochs) for r in accuracy.load_results(tmp_path / "all")] == [("ddp", 2), ("eamsgd:16", 2),
-                                                                                           ("ddp", 3)]
+    assert ("100 Mbit/s, 2 epochs: best EASGD-family setting with τ >= 16 within 1 point of DDP after 2 epochs"
+            in printed)
+    assert [(r.method.label, r.epochs) for r in accuracy.load_results(tmp_path / "all")] == [
+        ("ddp", 2), ("eamsgd:16", 2), ("ddp", 3)]
     with pytest.raises(SystemExit):
         main(["--suite", "accuracy", "--include", str(tmp_path / "h3"), str(tmp_path / "all"), "--out", str(tmp_path)])
     assert "name a run more than once: ddp (100, epochs=3); each run" in capsys.readouterr().err
@@ -318,8 +322,8 @@ def test_a_tiny_accuracy_suite_runs_end_to_end(tmp_path: Path, capsys: pytest.Ca
         rows = {row["method"]: row for row in csv.DictReader(f)}
     assert set(rows) == {"msgd", "eamsgd:2"}
     assert rows["msgd"]["rate_mbit"] == "any" and rows["eamsgd:2"]["rate_mbit"] == "unshaped"
-    # The single worker sends nothing of its own; the two EAMSGD workers exchange the 351,946 parameters (1.41 MB) twice in
-    # their 4 steps (τ = 2), plus rendezvous and metric syncs: counted on the interface, not assumed.
+    # The single worker sends nothing of its own; the two EAMSGD workers exchange the 351,946 parameters (1.41 MB)
+    # twice in their 4 steps (τ = 2), plus rendezvous and metric syncs: counted on the interface, not assumed.
     assert float(rows["msgd"]["sent_mb_per_worker"]) < 0.001  # at most the link's own chatter (IPv6 neighbour)
     assert 2 * 1.41 < float(rows["eamsgd:2"]["sent_mb_per_worker"]) < 2 * 1.41 + 1.5
     for method, row in rows.items():
@@ -384,7 +388,8 @@ def test_a_tiny_overhead_suite_reports_time_and_memory(tmp_path: Path) -> None:
 
 def _send(source, destination, nbytes: int) -> None:
     """Send ``nbytes`` over TCP from ``source``'s namespace to ``destination``'s address (a Host each)."""
-    listen = (f"import socket; s = socket.socket(); s.bind(({destination.address!r}, 5555)); s.listen(); c, _ = s.accept(); n = 0\n"
+    listen = (f"import socket; s = socket.socket(); s.bind(({destination.address!r}, 5555)); "
+              "s.listen(); c, _ = s.accept(); n = 0\n"
               "while (d := c.recv(65536)): n += len(d)\nprint(n)")
     send = (f"import socket, time; time.sleep(0.5); s = socket.create_connection(({destination.address!r}, 5555)); "
             f"s.sendall(b'x' * {nbytes}); s.close()")

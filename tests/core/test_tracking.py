@@ -52,7 +52,8 @@ def test_ranks_that_track_and_ranks_that_do_not_exchange_alike(tmp_path: Path) -
 def test_per_tensor_is_the_configs_choice() -> None:
     averager = ElasticAverager([("w", torch.zeros(3))], tau=1, alpha=0.5)
     with pytest.raises(ValueError, match=r"track_distances\(per_tensor=True\) differs from this exchange's "
-                                         r"per_tensor_distances=False: .* \(EASGDStrategy\(per_tensor_distances=\.\.\.\)\)$"):
+                                         r"per_tensor_distances=False: .* "
+                                         r"\(EASGDStrategy\(per_tensor_distances=\.\.\.\)\)$"):
         averager.track_distances(per_tensor=True)
     averager.track_distances(per_tensor=False)  # agrees with the config: accepted
     with averager.step():

@@ -78,7 +78,7 @@ def _loop(fabric: Fabric, module: ToyRegressor, dataset: TensorDataset, out: Pat
                         fabric.backward(mse_loss(model(x), y) / len(micro))
                 optimizer.step()
             elif closure:
-                def step_closure() -> torch.Tensor:
+                def step_closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
                     optimizer.zero_grad()
                     loss = mse_loss(model(x), y)
                     fabric.backward(loss)
@@ -580,8 +580,9 @@ def _setup_only(fabric: Fabric) -> None:
 @pytest.mark.parametrize("error_handling", ["0", None])
 def test_setup_warns_like_the_trainer(monkeypatch: pytest.MonkeyPatch, warnings_: Any, error_handling: str | None
                                       ) -> None:
-    """Fabric's setup is the Trainer's (lightning_easgd.adapter.layout): one worker is warned about, and so is NCCL with its
-    error handling off, which would hang a stalled exchange instead of timing it out (NCCL reported, gloo running)."""
+    """Fabric's setup is the Trainer's (lightning_easgd.adapter.layout): one worker is warned about, and so is NCCL with
+    its error handling off, which would hang a stalled exchange instead of timing it out (NCCL reported, gloo
+    running)."""
     if error_handling is None:
         monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
     else:

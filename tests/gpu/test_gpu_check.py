@@ -26,7 +26,8 @@ CPU = torch.device("cpu")
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=240, check=False, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+                          text=True, timeout=240, check=False,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
 
 
 def test_cli_refuses_without_cuda_in_one_line() -> None:

@@ -156,7 +156,8 @@ def test_paper_hyperparameters(compose_cfg: Compose) -> None:
     assert (tuned.strategy.tau, tuned.strategy.center_momentum, tuned.strategy.center_nesterov) == (16, 0.2, False)
     assert tuned.optimizer.lr == 0.01 and tuned.optimizer.momentum == 0.99 and tuned.strategy.beta == 0.9
     slow_network = compose_cfg("cifar10", ["experiment=cifar10_local_sgd"])
-    assert (slow_network.strategy.worker_pull, slow_network.strategy.beta, slow_network.strategy.tau) == ("reset", 1, 16)
+    assert (slow_network.strategy.worker_pull, slow_network.strategy.beta,
+            slow_network.strategy.tau) == ("reset", 1, 16)
     assert slow_network.strategy.center_momentum == 0 and slow_network.optimizer.lr == 0.005
     assert slow_network.optimizer.momentum == 0.99 and slow_network.trainer.max_epochs == 80
     assert slow_network.lr_scheduler.scheduler.T_max == 80  # the cosine decays over the whole run
@@ -172,7 +173,8 @@ def test_make_train_runs_the_measured_slow_network_setting(compose_cfg: Compose)
     """`make train` is documented with the benchmark's numbers, so it must compose to the setting that was measured."""
     dry_run = subprocess.run(["make", "-n", "-C", str(REPO), "train"], capture_output=True, text=True, timeout=60,
                              check=True).stdout
-    words = shlex.split(next(line for line in dry_run.replace("\\\n", " ").splitlines() if "recipes/cifar10.py" in line))
+    words = shlex.split(next(line for line in dry_run.replace("\\\n", " ").splitlines()
+                             if "recipes/cifar10.py" in line))
     overrides = words[words.index("recipes/cifar10.py") + 1 :]
     cfg = compose_cfg("cifar10", overrides)
     assert (cfg.strategy.worker_pull, cfg.strategy.beta, cfg.strategy.tau) == ("reset", 1, 16)

@@ -39,7 +39,8 @@ def _center(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_killed_worker_restarts_and_resumes_to_the_uninterrupted_center(tmp_path: Path) -> None:
     _torchrun(2, _args(tmp_path / "straight", 2, 3), tmp_path)
     # Rank 1 dies before step 4 (epoch 1 of 3, 3 steps per epoch); torchrun restarts both workers.
-    output = _torchrun(2, [*_args(tmp_path / "crashed", 2, 3), "+callbacks.kill._target_=helpers.fault_injection.KillOnce",
+    output = _torchrun(2, [*_args(tmp_path / "crashed", 2, 3),
+                           "+callbacks.kill._target_=helpers.fault_injection.KillOnce",
                            "+callbacks.kill.rank=1", "+callbacks.kill.step=4"], tmp_path, max_restarts=1)
     # (Whether rank 0 reports the broken exchange or torchrun stops it first is a race; tests/test_reliability.py
     # checks the survivor's error deterministically.)

@@ -15,7 +15,7 @@ from lightning_easgd import EASGDStrategy
 
 SCRIPT = TESTS / "scripts" / "cli_fit.py"
 sys.path.insert(0, str(SCRIPT.parent))
-from cli_fit import main
+from cli_fit import main  # noqa: E402
 
 CPU2 = ["--trainer.accelerator=cpu", "--trainer.devices=2"]
 

@@ -104,7 +104,8 @@ class CIFAR10DataModule(ClassificationDataModule):
         folder = self.data_dir / CIFAR10.base_folder
         missing = [name for name in _FILES if not (folder / name).is_file()]
         if missing:
-            below = sorted(self.data_dir.glob(f"*/{CIFAR10.base_folder}/data_batch_1")) if self.data_dir.is_dir() else []
+            below = (sorted(self.data_dir.glob(f"*/{CIFAR10.base_folder}/data_batch_1")) if self.data_dir.is_dir()
+                     else [])
             if self.data_dir.name == CIFAR10.base_folder:
                 hint = f" data_dir itself is named {CIFAR10.base_folder}; point it at the parent folder."
             elif below:  # e.g. data_dir is the folder above cifar10/

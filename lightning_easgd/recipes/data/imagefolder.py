@@ -89,8 +89,8 @@ class ImageFolderDataModule(ClassificationDataModule):
         for split in ("train", "val"):
             split_dir = self.data_dir / split
             if not split_dir.is_dir():
-                below = sorted(path.parent for path in self.data_dir.glob(f"*/{split}") if (path.parent / "val").is_dir()
-                               and (path.parent / "train").is_dir())
+                below = sorted(path.parent for path in self.data_dir.glob(f"*/{split}")
+                               if (path.parent / "val").is_dir() and (path.parent / "train").is_dir())
                 hint = f"; it is one level down: did you mean data_dir={str(below[0])!r}?" if below else ""
                 raise FileNotFoundError(
                     f"data_dir={str(self.data_dir)!r} has no {split}/ folder; expected {_LAYOUT}{hint}"
