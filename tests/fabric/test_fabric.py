@@ -27,7 +27,7 @@ from helpers.asserts import assert_close, assert_matches_replay
 from helpers.bounded import run_bounded
 from helpers.instruments import COUNTS, count_collectives
 from helpers.launch import SEED
-from helpers.momentum_replay import replay_center_momentum
+from helpers.momentum_replay import every, replay_center_momentum
 from helpers.replay import replay_easgd
 from helpers.toy import NaNLossRegressor, ToyRegressor, make_dataset, twins
 from lightning_easgd import EASGDFabricStrategy, EASGDStrategy
@@ -261,7 +261,7 @@ WARMUP_STEPS = [2, 4, 6, 8, 12, 16, 20]  # warm-up period 2 below step 7, then t
 @pytest.mark.parametrize(
     ("options", "due"),
     [
-        ({"tau": 3, "center_momentum": 0.5}, lambda t: t > 0 and t % 3 == 0),
+        ({"tau": 3, "center_momentum": 0.5}, every(3)),
         ({"tau": 4, "warmup_steps": 7, "warmup_tau": 2, "center_momentum": 0.9, "center_nesterov": True},
          WARMUP_STEPS.__contains__),
     ],
@@ -644,7 +644,7 @@ def test_family_matches_replay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     records = run(p * k, EASGDFabricStrategy(ranks_per_worker=k, start_method="fork", **options), tmp_path, module,
                   dataset, epochs=2, batch_size=2, closure=closure)
     sync, tau = options.get("sync_steps", 0), options["tau"]
-    due = (lambda t: t > sync and (t - sync) % tau == 0) if sync else (lambda t: t > 0 and t % tau == 0)
+    due = every(tau, after=sync)
     expected = replay_center_momentum(init, dataset, p=p, alpha=options.get("beta", 0.9) / p,
                                       momentum=options.get("center_momentum", 0.0),
                                       nesterov=options.get("center_nesterov", False), due=due, epochs=2,

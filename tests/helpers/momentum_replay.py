@@ -41,6 +41,12 @@ class MomentumReplay:
     epoch_velocities: list[dict[str, Tensor]] = field(default_factory=list)
 
 
+def every(tau: int, after: int = 0) -> Callable[[int], bool]:
+    """The exchange schedule for ``due``, written from the issue's rule rather than the strategy's clock: step t
+    exchanges when t > ``after`` and (t − ``after``) % τ == 0 (``after``: the synchronous start's length)."""
+    return lambda t: t > after and (t - after) % tau == 0
+
+
 def replay_center_momentum(
     module: ToyRegressor,
     dataset: TensorDataset,

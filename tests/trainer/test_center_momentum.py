@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger
 from helpers.asserts import assert_close
 from helpers.instruments import count_collectives
 from helpers.launch import SEED, fit_fork
-from helpers.momentum_replay import replay_center_momentum
+from helpers.momentum_replay import every, replay_center_momentum
 from helpers.toy import NaNLossRegressor, ToyRegressor, make_dataset, twins
 from lightning_easgd import AsyncEASGDStrategy, EASGDFabricStrategy, EASGDStrategy, ElasticDistanceMonitor
 from lightning_easgd.core import ElasticAverager
@@ -83,7 +83,7 @@ def test_matches_replay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, p: int,
                           strategy=EASGDStrategy(tau=tau, center_momentum=momentum, center_nesterov=nesterov,
                                                  start_method="fork"))
     expected = replay_center_momentum(init, dataset, p=p, alpha=0.9 / p, momentum=momentum, nesterov=nesterov,
-                                      due=lambda t: t > 0 and t % tau == 0, epochs=2, batch_size=4, seed=SEED)
+                                      due=every(tau), epochs=2, batch_size=4, seed=SEED)
     for rank, rec in enumerate(records):
         assert_close(rec["local"], expected.workers[rank], ATOL, f"worker {rank} local weights")
         assert_close(rec["center"], expected.center, ATOL, f"rank {rank} center")
@@ -97,7 +97,7 @@ def test_matches_replay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, p: int,
         assert _exchange_steps(records, rank, rec["buckets"]) == expected.exchange_steps
     # The momentum really acted: the center is not where the paper's rule would have put it.
     plain = replay_center_momentum(init, dataset, p=p, alpha=0.9 / p, momentum=0.0, nesterov=False,
-                                   due=lambda t: t > 0 and t % tau == 0, epochs=2, batch_size=4, seed=SEED)
+                                   due=every(tau), epochs=2, batch_size=4, seed=SEED)
     assert (records[0]["center"]["net.0.weight"] - plain.center["net.0.weight"]).abs().max() > 1e-4
 
 
@@ -135,7 +135,7 @@ def test_reset_policy_with_momentum(tmp_path: Path, messages: Any) -> None:
                                                  center_nesterov=True, start_method="fork"))
     assert "worker(s) 1 had non-finite weights at optimizer step 4" in messages()
     expected = replay_center_momentum(init, dataset, p=2, alpha=0.45, momentum=0.5, nesterov=True,
-                                      due=lambda t: t > 0 and t % 2 == 0, epochs=1, batch_size=4, seed=SEED)
+                                      due=every(2), epochs=1, batch_size=4, seed=SEED)
     for rank, rec in enumerate(records):
         assert all(v.isfinite().all() for v in rec["local"].values())
         assert_close(rec["local"], expected.workers[rank], ATOL, f"worker {rank}")

@@ -19,7 +19,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from helpers.asserts import assert_close, assert_matches_replay
 from helpers.instruments import count_collectives
 from helpers.launch import SEED, fit_fork, loaders
-from helpers.momentum_replay import replay_center_momentum
+from helpers.momentum_replay import every, replay_center_momentum
 from helpers.toy import ToyRegressor, TwoOptimizerRegressor, make_dataset, twins
 from lightning_easgd import AsyncEASGDStrategy, EASGDStrategy, ElasticDistanceMonitor
 
@@ -69,8 +69,7 @@ def test_reset_matches_replay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, p
     _, records = fit_fork(module, dataset, tmp_path, p=p, epochs=2, batch_size=4,
                           strategy=EASGDStrategy(tau=tau, beta=beta, worker_pull="reset", center_momentum=momentum,
                                                  center_nesterov=nesterov, start_method="fork"))
-    def due(t: int) -> bool:
-        return t > 0 and t % tau == 0
+    due = every(tau)
     expected = replay_center_momentum(init, dataset, p=p, alpha=beta / p, momentum=momentum, nesterov=nesterov,
                                       due=due, epochs=2, batch_size=4, seed=SEED, reset=True)
     assert_matches_replay(records, expected, ATOL)
@@ -100,8 +99,7 @@ def test_sync_start_matches_replay_and_hands_over(tmp_path: Path, monkeypatch: p
     _, records = fit_fork(module, dataset, tmp_path, p=p, epochs=2, batch_size=4, logger=logger,
                           callbacks=[HandOver(tmp_path, sync - 1), ElasticDistanceMonitor()],
                           strategy=EASGDStrategy(tau=tau, sync_steps=sync, worker_pull=pull, start_method="fork"))
-    def due(t: int) -> bool:
-        return t > sync and (t - sync) % tau == 0
+    due = every(tau, after=sync)
     expected = replay_center_momentum(init, dataset, p=p, alpha=0.9 / p, momentum=0.0, nesterov=False, due=due,
                                       epochs=2, batch_size=4, seed=SEED, reset=pull == "reset", sync_steps=sync)
     assert_matches_replay(records, expected, ATOL)
@@ -141,8 +139,7 @@ def test_sync_start_with_worker_groups_matches_replay(tmp_path: Path, monkeypatc
                           callbacks=[HandOver(tmp_path, 3)],
                           strategy=EASGDStrategy(tau=2, sync_steps=4, worker_pull="reset", beta=1.0,
                                                  ranks_per_worker=2, start_method="fork"))
-    def due(t: int) -> bool:
-        return t > 4 and (t - 4) % 2 == 0
+    due = every(2, after=4)
     expected = replay_center_momentum(init, dataset, p=2, alpha=0.5, momentum=0.0, nesterov=False, due=due,
                                       epochs=2, batch_size=2, seed=SEED, reset=True, sync_steps=4,
                                       ranks_per_worker=2)
@@ -203,8 +200,7 @@ def test_sync_start_with_worker_groups_and_batchnorm_matches_replay(tmp_path: Pa
     dataset = make_dataset(48)
     _, records = fit_fork(module, dataset, tmp_path, p=4, epochs=1, batch_size=2, callbacks=[HandOver(tmp_path, 3)],
                           strategy=EASGDStrategy(tau=2, sync_steps=4, ranks_per_worker=2, start_method="fork"))
-    def due(t: int) -> bool:
-        return t > 4 and (t - 4) % 2 == 0
+    due = every(2, after=4)
     expected = replay_center_momentum(init, dataset, p=2, alpha=0.45, momentum=0.0, nesterov=False, due=due,
                                       epochs=1, batch_size=2, seed=SEED, sync_steps=4, ranks_per_worker=2,
                                       union_batches=False)
@@ -269,8 +265,7 @@ def test_resume_inside_and_across_the_hand_over_is_exact(tmp_path: Path, monkeyp
     assert torch.load(path, weights_only=True)["easgd"]["clock"] == 6
     _, second = fit_fork(ToyRegressor(momentum=0.9, nesterov=True), dataset, tmp_path / "second", p=2, epochs=2,
                          batch_size=4, ckpt_path=str(path), strategy=strategy())
-    def due(t: int) -> bool:
-        return t > sync and (t - sync) % 2 == 0
+    due = every(2, after=sync)
     expected = replay_center_momentum(model(), dataset, p=2, alpha=0.5, momentum=0.5, nesterov=False, due=due,
                                       epochs=2, batch_size=4, seed=SEED, reset=True, sync_steps=sync)
     assert_matches_replay(full, expected, ATOL)
