@@ -8,6 +8,7 @@ mixin keeps the two from drifting apart: this module imports nothing from ``ligh
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -34,6 +35,30 @@ log = logging.getLogger(__name__)
 W = TypeVar("W", bound=ElasticWorker)
 
 _CONFIG_OPTIONS = frozenset(ExchangeConfig.option_names())
+
+
+def destroy_world_at_exit() -> None:
+    """Destroy the default process group at interpreter exit, while Python is still whole (registered once per
+    process; the strategies call it once the group is up).
+
+    A gloo group left to the interpreter's finalization can abort the process with SIGABRT ("terminate called without
+    an active exception"): its worker threads can still hold the work objects of collectives that have finished, and
+    releasing their tensors then needs a GIL that is being torn down. Spawned workers exit that way after every
+    ``fit``, and the exchange's collectives are asynchronous, so a run that trained correctly could end in a crash.
+    Lightning registers the same handler for NCCL only; destroying an already destroyed world is a no-op here.
+    """
+    global _world_destroy_registered
+    if not _world_destroy_registered:
+        atexit.register(_destroy_world)
+        _world_destroy_registered = True
+
+
+def _destroy_world() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+_world_destroy_registered = False
 
 
 class WorkerLayout:

@@ -29,7 +29,7 @@ from helpers.instruments import COUNTS, count_collectives
 from helpers.launch import SEED
 from helpers.momentum_replay import every, replay_center_momentum
 from helpers.replay import replay_easgd
-from helpers.toy import NaNLossRegressor, ToyRegressor, make_dataset, twins
+from helpers.toy import NaNLossRegressor, ToyRegressor, leave_collectives_in_flight, make_dataset, twins
 from lightning_easgd import EASGDFabricStrategy, EASGDStrategy
 
 ATOL = 1e-10  # float64 model: the only differences are summation order in the all-reduce
@@ -595,6 +595,22 @@ def test_setup_warns_like_the_trainer(monkeypatch: pytest.MonkeyPatch, warnings_
     assert "EASGDFabricStrategy is running with a single worker: EASGD needs at least 2 workers" in warned
     assert ("TORCH_NCCL_ASYNC_ERROR_HANDLING=0 disables NCCL's handling of collective timeouts" in warned) == (
         error_handling == "0")
+
+
+# ---------------------------------------------------------------------- the spawn launcher
+
+
+def _setup_and_leave_collectives_in_flight(fabric: Fabric) -> None:
+    fabric.setup(ToyRegressor())
+    leave_collectives_in_flight()
+
+
+def test_spawned_workers_exit_cleanly_with_collectives_in_flight() -> None:
+    # As for the Trainer (tests/trainer/test_strategy.py): an undestroyed gloo group aborted most such exits.
+    for _ in range(3):
+        Fabric(accelerator="cpu", devices=2, strategy=EASGDFabricStrategy(start_method="spawn")).launch(
+            _setup_and_leave_collectives_in_flight
+        )
 
 
 # ---------------------------------------------------------------------- the popen launcher

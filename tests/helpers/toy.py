@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
@@ -156,6 +157,21 @@ class TwoOptimizerRegressor(ToyRegressor):
             opt.zero_grad()
             self.loss(batch).backward()
             yield opt.step
+
+
+def leave_collectives_in_flight(count: int = 20) -> None:
+    """Start ``count`` all-reduces on the world group, wait for none and drop their work objects, as the exchange drops
+    its own: only gloo's threads then hold them, the case in which a process group left to the interpreter's
+    finalization aborted the process at exit. (Kept alive in Python, they did not crash it.)"""
+    for _ in range(count):
+        dist.all_reduce(torch.ones(1000), async_op=True)
+
+
+class InFlightAtExitRegressor(ToyRegressor):
+    """Ends ``fit`` with collectives in flight (:func:`leave_collectives_in_flight`)."""
+
+    def on_fit_end(self) -> None:
+        leave_collectives_in_flight()
 
 
 class Shards(tuple):
