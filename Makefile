@@ -24,7 +24,7 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 
-# The main job: the setting measured level with DDP for a slow network (local SGD, tau = 16, the paper's CIFAR-10
+# The main job: the setting measured closest to DDP for a slow network (local SGD, tau = 16, the paper's CIFAR-10
 # net, 4 CPU worker processes, cosine over 80 epochs; docs/benchmarks.md), from the offline CIFAR-10 copy.
 # About 70 minutes on 2 cores; TRAIN_ARGS="trainer=cpu data.num_workers=0 trainer.max_epochs=10" for a shorter run.
 train: install
