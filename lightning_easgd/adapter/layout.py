@@ -9,6 +9,7 @@ mixin keeps the two from drifting apart: this module imports nothing from ``ligh
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -37,9 +38,9 @@ W = TypeVar("W", bound=ElasticWorker)
 _CONFIG_OPTIONS = frozenset(ExchangeConfig.option_names())
 
 
+@functools.cache  # once per process
 def destroy_world_at_exit() -> None:
-    """Destroy the default process group at interpreter exit, while Python is still whole (registered once per
-    process; the strategies call it once the group is up).
+    """Destroy the default process group at interpreter exit, while Python is still whole.
 
     A gloo group left to the interpreter's finalization can abort the process with SIGABRT ("terminate called without
     an active exception"): its worker threads can still hold the work objects of collectives that have finished, and
@@ -47,18 +48,12 @@ def destroy_world_at_exit() -> None:
     ``fit``, and the exchange's collectives are asynchronous, so a run that trained correctly could end in a crash.
     Lightning registers the same handler for NCCL only; destroying an already destroyed world is a no-op here.
     """
-    global _world_destroy_registered
-    if not _world_destroy_registered:
-        atexit.register(_destroy_world)
-        _world_destroy_registered = True
+    atexit.register(_destroy_world)
 
 
 def _destroy_world() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-_world_destroy_registered = False
 
 
 class WorkerLayout:
@@ -141,6 +136,12 @@ class WorkerLayout:
     def save_worker_states(self) -> bool:
         """Whether checkpoints carry every worker's own state (local weights, optimizer, RNG)."""
         return self._adapter.save_worker_states
+
+    def setup_environment(self) -> None:
+        """The framework's own (which brings the default process group up on every path, a TorchElastic restart's
+        included), then :func:`destroy_world_at_exit`."""
+        super().setup_environment()  # type: ignore[misc]
+        destroy_world_at_exit()
 
     # ------------------------------------------------------------------ the layout
 

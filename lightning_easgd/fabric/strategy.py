@@ -37,7 +37,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_easgd.adapter.layout import WorkerLayout, destroy_world_at_exit
+from lightning_easgd.adapter.layout import WorkerLayout
 from lightning_easgd.adapter.options import register_start_methods
 from lightning_easgd.checkpoint.atomic_io import AtomicCheckpointIO
 from lightning_easgd.checkpoint.routines import WorkerCheckpointing, hyperparameters_only
@@ -185,11 +185,6 @@ class EASGDFabricStrategy(WorkerLayout, DDPStrategy):
         return self._averager
 
     # ------------------------------------------------------------------ setup
-
-    @override
-    def setup_environment(self) -> None:
-        super().setup_environment()
-        destroy_world_at_exit()
 
     @override
     def setup_module(self, module: Module) -> Module:

@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_easgd.adapter.layout import WorkerLayout, destroy_world_at_exit
+from lightning_easgd.adapter.layout import WorkerLayout
 from lightning_easgd.adapter.options import register_start_methods
 from lightning_easgd.checkpoint.atomic_io import AtomicCheckpointIO
 from lightning_easgd.core import DEFAULT_BETA, ElasticAverager, ExchangeConfig
@@ -233,7 +233,6 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         if attempt == "0" or dist.is_initialized():
             super().setup_distributed()
-            destroy_world_at_exit()
             return
         # TorchElastic restarted the workers (after a crash, say). Its store can still hold the previous attempt's
         # process-group addresses, and a rank that reads one before the restarted peer overwrites it dials a dead
@@ -256,7 +255,6 @@ class EASGDStrategy(WorkerLayout, DDPStrategy):
             timeout=timeout,
             device_id=self.root_device if self.root_device.type != "cpu" else None,
         )
-        destroy_world_at_exit()
 
     @override
     def setup(self, trainer: Trainer) -> None:
