@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shlex
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from helpers.recipes import CONF_DIR, REPO, experiments, group_options
 from lightning_easgd import EASGDStrategy, ElasticDistanceMonitor
+from lightning_easgd.core.family import steps_for_epochs
 from lightning_easgd.recipes.classifier import ImageClassifier, LRSchedulerSpec
 from lightning_easgd.recipes.schedulers import DivideOnPlateau
 from lightning_easgd.recipes.train import _check_checkpoints, train
@@ -161,6 +163,7 @@ def test_paper_hyperparameters(compose_cfg: Compose) -> None:
     assert slow_network.strategy.center_momentum == 0 and slow_network.optimizer.lr == 0.005
     assert slow_network.optimizer.momentum == 0.99 and slow_network.trainer.max_epochs == 80
     assert slow_network.lr_scheduler.scheduler.T_max == 80  # the cosine decays over the whole run
+    assert (slow_network.strategy.sync_epochs, slow_network.strategy.sync_steps) == (5, 0)
     imagenet = compose_cfg("imagenet", ["experiment=imagenet_paper_easgd"])
     assert imagenet.optimizer.lr == 0.1 and imagenet.optimizer.weight_decay == 1e-5
     assert imagenet.data.resize == 256 and imagenet.data.crop_size == 221
@@ -181,6 +184,9 @@ def test_make_train_runs_the_measured_slow_network_setting(compose_cfg: Compose)
     assert cfg.optimizer.lr == 0.005 and cfg.trainer.accelerator == "cpu" and cfg.trainer.devices == 4
     assert cfg.trainer.max_epochs == cfg.lr_scheduler.scheduler.T_max == 80
     assert cfg.data.data_dir == "../shared/data/cifar10" and cfg.data.num_workers == 0
+    # The benchmark ran 490 synchronous steps: 5 epochs of ⌈50,000 training images / (4 workers × 128)⌉ = 98 steps.
+    steps_per_epoch = math.ceil(50_000 / (cfg.trainer.devices * cfg.data.batch_size))
+    assert cfg.strategy.sync_steps == 0 and steps_for_epochs(cfg.strategy.sync_epochs, steps_per_epoch) == 490
 
 
 @pytest.mark.parametrize("group", ["model", "data", "optimizer", "lr_scheduler", "module"])
