@@ -184,8 +184,10 @@ def test_make_train_runs_the_measured_slow_network_setting(compose_cfg: Compose)
     assert cfg.optimizer.lr == 0.005 and cfg.trainer.accelerator == "cpu" and cfg.trainer.devices == 4
     assert cfg.trainer.max_epochs == cfg.lr_scheduler.scheduler.T_max == 80
     assert cfg.data.data_dir == "../shared/data/cifar10" and cfg.data.num_workers == 0
-    # The benchmark ran 490 synchronous steps: 5 epochs of ⌈50,000 training images / (4 workers × 128)⌉ = 98 steps.
-    steps_per_epoch = math.ceil(50_000 / (cfg.trainer.devices * cfg.data.batch_size))
+    # The benchmark ran 490 synchronous steps: 5 epochs of 98, each rank's ⌈12,500 images / 128⌉ batches (the
+    # distributed sampler deals each of the 4 ranks ⌈training images / 4⌉ of CIFAR-10's 50,000 less val_size).
+    per_rank = math.ceil((50_000 - cfg.data.val_size) / cfg.trainer.devices)
+    steps_per_epoch = math.ceil(per_rank / cfg.data.batch_size)
     assert cfg.strategy.sync_steps == 0 and steps_for_epochs(cfg.strategy.sync_epochs, steps_per_epoch) == 490
 
 
