@@ -28,7 +28,8 @@ Options follow, each after a colon (``eamsgd:16:cm0.5:warm500:lr0.01:seed1``): `
 Nesterov; docs/center_momentum.md) for ``easgd``, ``eamsgd`` and the reset family; ``warmW`` (exchange at every step
 during the first W optimizer steps, then every τ) for the elastic methods; ``syncN`` (a synchronous start: the
 first N optimizer steps average gradients as DDP does, then local steps; not with ``warmW``) for the synchronous
-EASGDStrategy methods.
+EASGDStrategy methods; ``bf16`` (``exchange_dtype=bfloat16``: the exchanges send d_i in bfloat16, half the bytes;
+the synchronous start's gradients stay float32) for the same methods.
 """
 
 from __future__ import annotations
@@ -69,9 +70,10 @@ _ELASTIC = ("easgd", "eamsgd", "easgd_async", "eamsgd_async", *_RESET)
 
 
 _CENTER_MOMENTUM = ("easgd", "eamsgd", *_RESET)  # the asynchronous strategy refuses center momentum
-_SYNC_START = _CENTER_MOMENTUM  # and a synchronous start
+_SYNC_START = _CENTER_MOMENTUM  # and a synchronous start, and the bfloat16 exchange
 _OPTIONS = ("lrETA, seedN, cmMU or cnMU (easgd, eamsgd, localsgd, slowmo, diloco; 0 < MU < 1), warmW (elastic "
-            "methods; W >= 1), syncN (easgd, eamsgd, localsgd, slowmo, diloco; N >= 1; not with warmW)")
+            "methods; W >= 1), syncN (easgd, eamsgd, localsgd, slowmo, diloco; N >= 1; not with warmW), bf16 "
+            "(easgd, eamsgd, localsgd, slowmo, diloco)")
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class Method:
     lr: float | None = None
     seed: int | None = None
     sync_steps: int = 0
+    exchange_bf16: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Method:
@@ -116,6 +119,8 @@ class Method:
             tokens.append(f"warm{self.warmup_steps}")
         if self.sync_steps:
             tokens.append(f"sync{self.sync_steps}")
+        if self.exchange_bf16:
+            tokens.append("bf16")
         if self.lr is not None:
             tokens.append(f"lr{self.lr!r}")
         if self.seed is not None:
@@ -157,6 +162,8 @@ class Method:
             selected += [f"strategy.warmup_steps={self.warmup_steps}", "strategy.warmup_tau=1"]
         if self.sync_steps:
             selected.append(f"strategy.sync_steps={self.sync_steps}")
+        if self.exchange_bf16:
+            selected.append("+strategy.exchange_dtype=bfloat16")  # not in the presets: their default is None
         if self.lr is not None:
             selected.append(f"optimizer.lr={self.lr!r}")
         if self.seed is not None:
@@ -166,6 +173,8 @@ class Method:
 
 def _option(name: str, token: str) -> dict[str, float | int | bool] | None:
     """One ``:OPTION`` of a method, as Method fields, or None if ``name`` does not take it (or it is malformed)."""
+    if token == "bf16":
+        return {"exchange_bf16": True} if name in _SYNC_START else None
     for prefix, value_type in (("cm", float), ("cn", float), ("warm", int), ("sync", int), ("lr", float),
                                ("seed", int)):
         if token.startswith(prefix):

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -68,6 +69,7 @@ def test_each_method_composes_into_the_recipe_it_names(text, target, lr, momentu
         ("diloco:16:sync196:lr0.005:seed1", "reset", 0.7, 0.9, True, 196),
         ("slowmo:16:cm0.5", "reset", 1.0, 0.5, False, 0),
         ("eamsgd:16:cm0.5:sync50", "elastic", 0.9, 0.5, False, 50),
+        ("localsgd:16:sync490:bf16:lr0.005", "reset", 1.0, 0.0, False, 490),
     ],
 )
 def test_family_methods_and_the_synchronous_start_instantiate(text, pull, beta, momentum, nesterov, sync) -> None:
@@ -77,6 +79,17 @@ def test_family_methods_and_the_synchronous_start_instantiate(text, pull, beta, 
     assert (built.worker_pull, built.beta, built.center_momentum, built.center_nesterov) == (
         pull, beta, momentum, nesterov)
     assert (built.sync_steps, built.tau) == (sync, method.tau)
+    assert built.exchange_dtype == (torch.bfloat16 if "bf16" in text else None)
+
+
+def test_the_bfloat16_exchange_is_an_option_of_every_synchronous_elastic_method() -> None:
+    for text in ("easgd:4:bf16", "eamsgd:16:cm0.5:bf16", "slowmo:16:bf16:seed2"):
+        method = accuracy.Method.parse(text)
+        assert method.exchange_bf16 and method.label == text
+        assert "+strategy.exchange_dtype=bfloat16" in method.overrides()
+        assert instantiate(_compose(method).strategy).exchange_dtype == torch.bfloat16
+    # --include averages runs that differ only in the seed: a bfloat16 run must never count as a float32 seed
+    assert accuracy.Method.parse("localsgd:16:bf16:seed1").seedless != accuracy.Method.parse("localsgd:16").seedless
 
 
 def test_workload_runs_the_family_with_the_presets_outer_step() -> None:
@@ -94,7 +107,9 @@ def test_workload_runs_the_family_with_the_presets_outer_step() -> None:
 
 @pytest.mark.parametrize("text", ["sgd", "ddp:4", "easgd", "eamsgd:0", "average:x", "msgd:2", "",
                                   "eamsgd:16:sync0", "average:16:sync5", "eamsgd_async:8:sync5",
-                                  "slowmo:16:sync5:warm5", "localsgd", "diloco:16:syncx"])
+                                  "slowmo:16:sync5:warm5", "localsgd", "diloco:16:syncx", "ddp:bf16",
+                                  "average:16:bf16", "msgd:bf16", "localsgd:16:bf16:bf16", "easgd:4:bf",
+                                  "eamsgd_async:8:bf16"])
 def test_bad_methods_are_refused_with_what_is_allowed(text: str) -> None:
     with pytest.raises(ValueError, match=r"method=.* is invalid: use msgd, ddp, or average:TAU"):
         accuracy.Method.parse(text)
