@@ -29,7 +29,8 @@ Nesterov; docs/center_momentum.md) for ``easgd``, ``eamsgd`` and the reset famil
 during the first W optimizer steps, then every τ) for the elastic methods; ``syncN`` (a synchronous start: the
 first N optimizer steps average gradients as DDP does, then local steps; not with ``warmW``) for the synchronous
 EASGDStrategy methods; ``bf16`` (``exchange_dtype=bfloat16``: the exchanges send d_i in bfloat16, half the bytes;
-the synchronous start's gradients stay float32) for the same methods.
+the synchronous start's gradients stay float32) for the same methods, and for ``ddp`` (every step's gradients
+all-reduced in bfloat16 by PyTorch's ``bf16_compress_hook``, half DDP's bytes: ``benchmarks/baselines.py``).
 """
 
 from __future__ import annotations
@@ -70,10 +71,11 @@ _ELASTIC = ("easgd", "eamsgd", "easgd_async", "eamsgd_async", *_RESET)
 
 
 _CENTER_MOMENTUM = ("easgd", "eamsgd", *_RESET)  # the asynchronous strategy refuses center momentum
-_SYNC_START = _CENTER_MOMENTUM  # and a synchronous start, and the bfloat16 exchange
+_SYNC_START = _CENTER_MOMENTUM  # and a synchronous start
+_BF16 = ("ddp", *_SYNC_START)  # DDP by PyTorch's bfloat16 compression hook, the others by exchange_dtype
 _OPTIONS = ("lrETA, seedN, cmMU or cnMU (easgd, eamsgd, localsgd, slowmo, diloco; 0 < MU < 1), warmW (elastic "
             "methods; W >= 1), syncN (easgd, eamsgd, localsgd, slowmo, diloco; N >= 1; not with warmW), bf16 "
-            "(easgd, eamsgd, localsgd, slowmo, diloco)")
+            "(ddp, easgd, eamsgd, localsgd, slowmo, diloco)")
 
 
 @dataclass(frozen=True)
@@ -162,8 +164,9 @@ class Method:
             selected += [f"strategy.warmup_steps={self.warmup_steps}", "strategy.warmup_tau=1"]
         if self.sync_steps:
             selected.append(f"strategy.sync_steps={self.sync_steps}")
-        if self.exchange_bf16:
-            selected.append("+strategy.exchange_dtype=bfloat16")  # not in the presets: their default is None
+        if self.exchange_bf16:  # not in the presets: their defaults exchange in float32
+            selected.append("strategy._target_=benchmarks.baselines.BF16CompressedDDPStrategy" if self.name == "ddp"
+                            else "+strategy.exchange_dtype=bfloat16")
         if self.lr is not None:
             selected.append(f"optimizer.lr={self.lr!r}")
         if self.seed is not None:
@@ -174,7 +177,7 @@ class Method:
 def _option(name: str, token: str) -> dict[str, float | int | bool] | None:
     """One ``:OPTION`` of a method, as Method fields, or None if ``name`` does not take it (or it is malformed)."""
     if token == "bf16":
-        return {"exchange_bf16": True} if name in _SYNC_START else None
+        return {"exchange_bf16": True} if name in _BF16 else None
     for prefix, value_type in (("cm", float), ("cn", float), ("warm", int), ("sync", int), ("lr", float),
                                ("seed", int)):
         if token.startswith(prefix):

@@ -8,11 +8,12 @@
 ``--rates`` value (Mbit/s; 0 = unshaped), launched like Lightning's multi-node jobs (NODE_RANK/LOCAL_RANK/
 WORLD_SIZE/MASTER_ADDR). With ``--ranks-per-node N`` (default 1) each node runs N processes, each with its own NIC
 (rank j of every node on rail j, as multi-NIC GPU nodes have) and the node's loopback between them. Per method:
-throughput, its ratio to the same processes training alone without communicating, and the bytes each process's
-NIC sent per optimizer step (counted from the interface's own counter: inter-node traffic only). Methods: none,
-ddp (gradient all-reduce every step), average:τ (local SGD, periodic averaging), easgd:τ (one EASGD worker per
-process), with N > 1 easgd_node:τ (one worker per node: ``ranks_per_worker="node"``), with ``--with-bf16``
-easgd_bf16:τ (d_i sent in bfloat16: half the bytes), and with ``--with-async`` easgd_async:τ. Writes ``comm.csv``
+throughput, its ratio to the same processes training alone without communicating, and the bytes each process's NIC sent
+per optimizer step (counted from the interface's own counter: inter-node traffic only). Methods: none, ddp (gradient
+all-reduce every step), average:τ (local SGD, periodic averaging), easgd:τ (one EASGD worker per process), with N > 1
+easgd_node:τ (one worker per node: ``ranks_per_worker="node"``), with ``--with-bf16`` easgd_bf16:τ (d_i sent in
+bfloat16: half the bytes) and ddp_bf16 (DDP's gradients all-reduced in bfloat16 by PyTorch's ``bf16_compress_hook``, so
+that both sides may halve their bytes), and with ``--with-async`` easgd_async:τ. Writes ``comm.csv``
 and ``comm.png`` under ``--out``.
 
 ``accuracy``: each method of ``--methods`` trained by the CIFAR-10 recipe on the real data, its workers in the same
@@ -57,6 +58,7 @@ def _comm(args: argparse.Namespace) -> list[dict[str, Any]]:
     if per_node > 1:
         methods += [f"easgd_node:{t}" for t in args.taus]
     if args.with_bf16:
+        methods.insert(2, "ddp_bf16")
         methods += [f"easgd_bf16:{t}" for t in args.taus]
     if args.with_async:
         methods += [f"easgd_async:{t}" for t in args.taus]
@@ -167,8 +169,10 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
                             if r["rate_mbit"] == rate and r["method"].split(":")[0] == family)
             if points:
                 ax.plot(*zip(*points), marker=marker, label=family)
-        ddp = next(r["throughput_vs_none"] for r in rows if r["rate_mbit"] == rate and r["method"] == "ddp")
-        ax.axhline(ddp, color="gray", linestyle="--", label="ddp")
+        for name, style in (("ddp", "--"), ("ddp_bf16", ":")):
+            ddp = [r["throughput_vs_none"] for r in rows if r["rate_mbit"] == rate and r["method"] == name]
+            if ddp:
+                ax.axhline(ddp[0], color="gray", linestyle=style, label=name)
         ax.axhline(1.0, color="black", linewidth=0.8, label="no communication")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("communication period τ (steps)")
@@ -354,7 +358,8 @@ def main(argv: list[str] | None = None) -> None:
     comm.add_argument("--rounds", type=int, help="repetitions; tables show each median (default 1)")
     comm.add_argument("--with-async", action="store_true", default=None, help="also the asynchronous strategy")
     comm.add_argument("--with-bf16", action="store_true", default=None,
-                      help="also EASGD with exchange_dtype=bfloat16 (easgd_bf16:TAU)")
+                      help="also EASGD with exchange_dtype=bfloat16 (easgd_bf16:TAU) and DDP with PyTorch's "
+                           "bf16_compress_hook (ddp_bf16)")
     comm.add_argument("--ranks-per-node", type=int,
                       help="processes per node, each with its own NIC; > 1 adds easgd_node:TAU (comm; default 1)")
     acc = parser.add_argument_group("accuracy")

@@ -2,11 +2,12 @@
 by one of the methods compared, with a callback that times a window of optimizer steps and counts the bytes
 this process's network interface sent meanwhile.
 
-Methods: ``none`` (one process, no communication), ``ddp`` (Lightning's DDPStrategy: gradient all-reduce every
-step), ``average:τ`` (local SGD with periodic model averaging), ``easgd:τ`` (EASGDStrategy, one worker per
-process), ``easgd_bf16:τ`` (the same with ``exchange_dtype=torch.bfloat16``: d_i travels in bfloat16),
-``easgd_node:τ`` (EASGDStrategy with ``ranks_per_worker="node"``: one worker per node, gradients all-reduced inside
-it), ``easgd_async:τ``, and the reset rule's ``localsgd:τ``, ``slowmo:τ`` and ``diloco:τ`` (EASGDStrategy with
+Methods: ``none`` (one process, no communication), ``ddp`` (Lightning's DDPStrategy: gradient all-reduce every step),
+``ddp_bf16`` (the same with PyTorch's ``bf16_compress_hook``: gradients all-reduced in bfloat16;
+``benchmarks/baselines.py``), ``average:τ`` (local SGD with periodic model averaging), ``easgd:τ`` (EASGDStrategy, one
+worker per process), ``easgd_bf16:τ`` (the same with ``exchange_dtype=torch.bfloat16``: d_i travels in bfloat16),
+``easgd_node:τ`` (EASGDStrategy with ``ranks_per_worker="node"``: one worker per node, gradients all-reduced inside it),
+``easgd_async:τ``, and the reset rule's ``localsgd:τ``, ``slowmo:τ`` and ``diloco:τ`` (EASGDStrategy with
 ``worker_pull="reset"`` and the outer step of the Hydra presets of those names; docs/family.md).
 """
 
@@ -39,12 +40,13 @@ PERIODIC = ("easgd", "easgd_bf16", "easgd_node", "average", "easgd_async", *RESE
 def parse_method(method: str) -> tuple[str, int | None]:
     """``"easgd:16"`` -> ``("easgd", 16)``; raises for unknown names or a bad period."""
     name, _, period = method.partition(":")
-    if name in ("none", "ddp") and not period:
+    if name in ("none", "ddp", "ddp_bf16") and not period:
         return name, None
     if name in PERIODIC and period.isdigit() and int(period) >= 1:
         return name, int(period)
     raise ValueError(
-        f"method={method!r} is invalid: use none, ddp, or {', '.join(f'{m}:TAU' for m in PERIODIC)} with TAU >= 1"
+        f"method={method!r} is invalid: use none, ddp, ddp_bf16, or {', '.join(f'{m}:TAU' for m in PERIODIC)} "
+        "with TAU >= 1"
     )
 
 
@@ -57,6 +59,10 @@ def make_strategy(method: str, start_method: str) -> Any:
         from lightning.pytorch.strategies import DDPStrategy
 
         return DDPStrategy(start_method=start_method)
+    if name == "ddp_bf16":
+        from benchmarks.baselines import BF16CompressedDDPStrategy
+
+        return BF16CompressedDDPStrategy(start_method=start_method)
     if name == "average":
         from benchmarks.baselines import PeriodicAveragingStrategy
 

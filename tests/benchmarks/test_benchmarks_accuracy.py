@@ -82,6 +82,19 @@ def test_family_methods_and_the_synchronous_start_instantiate(text, pull, beta, 
     assert built.exchange_dtype == (torch.bfloat16 if "bf16" in text else None)
 
 
+def test_ddp_bf16_is_ddp_with_the_bfloat16_compression_hook() -> None:
+    from benchmarks.baselines import BF16CompressedDDPStrategy
+
+    method = accuracy.Method.parse("ddp:bf16:seed1")
+    assert method.exchange_bf16 and method.label == "ddp:bf16:seed1" and method.seedless != accuracy.Method("ddp")
+    assert type(instantiate(_compose(method).strategy)) is BF16CompressedDDPStrategy
+    assert type(make_strategy("ddp_bf16", "fork")) is BF16CompressedDDPStrategy
+    assert type(make_strategy("ddp", "fork")).__name__ == "DDPStrategy"
+    # it registers its own hook (the tiny comm suite checks the bytes halve): a second one is refused, not dropped
+    with pytest.raises(ValueError, match=r"ddp_comm_hook=.* is invalid here: BF16CompressedDDPStrategy registers"):
+        BF16CompressedDDPStrategy(ddp_comm_hook=print)
+
+
 def test_the_bfloat16_exchange_is_an_option_of_every_synchronous_elastic_method() -> None:
     for text in ("easgd:4:bf16", "eamsgd:16:cm0.5:bf16", "slowmo:16:bf16:seed2"):
         method = accuracy.Method.parse(text)
@@ -107,7 +120,7 @@ def test_workload_runs_the_family_with_the_presets_outer_step() -> None:
 
 @pytest.mark.parametrize("text", ["sgd", "ddp:4", "easgd", "eamsgd:0", "average:x", "msgd:2", "",
                                   "eamsgd:16:sync0", "average:16:sync5", "eamsgd_async:8:sync5",
-                                  "slowmo:16:sync5:warm5", "localsgd", "diloco:16:syncx", "ddp:bf16",
+                                  "slowmo:16:sync5:warm5", "localsgd", "diloco:16:syncx", "ddp:bf16:bf16",
                                   "average:16:bf16", "msgd:bf16", "localsgd:16:bf16:bf16", "easgd:4:bf",
                                   "eamsgd_async:8:bf16"])
 def test_bad_methods_are_refused_with_what_is_allowed(text: str) -> None:
@@ -377,7 +390,7 @@ def _run_suite(argv: list[str], out: Path) -> dict[str, dict[str, str]]:
 def test_a_tiny_comm_suite_counts_bytes_on_the_wire(tmp_path: Path) -> None:
     rows = _run_suite(["--suite", "comm", "--rates", "0", "--taus", "2", "--steps", "4", "--warmup", "2",
                        "--batch-size", "16", "--with-bf16"], tmp_path)
-    assert set(rows) == {"none", "ddp", "average:2", "easgd:2", "easgd_bf16:2"}
+    assert set(rows) == {"none", "ddp", "ddp_bf16", "average:2", "easgd:2", "easgd_bf16:2"}
     parameter_bytes = 4 * 351_946
     # EASGD's payload is the parameters every τ = 2 steps; what the interface counted is that plus TCP/IP framing.
     assert float(rows["easgd:2"]["payload_bytes_per_step"]) == parameter_bytes / 2
@@ -391,6 +404,8 @@ def test_a_tiny_comm_suite_counts_bytes_on_the_wire(tmp_path: Path) -> None:
     bf16_over_fp32 = (float(rows["easgd_bf16:2"]["wire_bytes_per_step_per_worker"])
                       / float(rows["easgd:2"]["wire_bytes_per_step_per_worker"]))
     assert bf16_over_fp32 == pytest.approx(0.5, abs=0.03)
+    # DDP's bf16_compress_hook halves its gradient all-reduce in the same way.
+    assert float(rows["ddp_bf16"]["ddp_bytes_over_these"]) == pytest.approx(2.0, rel=0.05)
 
 
 def test_a_tiny_overhead_suite_reports_time_and_memory(tmp_path: Path) -> None:
