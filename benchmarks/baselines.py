@@ -51,7 +51,6 @@ class PeriodicAveragingStrategy(DDPStrategy):
         return output
 
 
-
 class BF16CompressedDDPStrategy(DDPStrategy):
     """DDP whose gradient all-reduce travels in bfloat16 (PyTorch's ``bf16_compress_hook``): half DDP's bytes, the
     synchronous peer of EASGD's ``exchange_dtype=bfloat16``.
